@@ -1,0 +1,3 @@
+//! aigw-shared: the pure core of the aigw filters.
+
+pub mod sse;
