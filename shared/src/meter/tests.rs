@@ -1,0 +1,716 @@
+use super::*;
+use crate::boundary::{FakeClock, FakeFilterState, FakeMetrics};
+use proptest::prelude::*;
+use std::io::Write;
+
+fn meter(config: &str) -> Rc<Meter> {
+    Rc::new(Meter::from_json(config.as_bytes()).unwrap())
+}
+
+/// What one request through the stage left behind.
+struct Run {
+    state: FakeFilterState,
+    metrics: FakeMetrics,
+    upstream_body: Vec<u8>,
+    request_edits: HeaderEdits,
+    response_edits: HeaderEdits,
+    client_body: Vec<u8>,
+}
+
+impl Run {
+    fn line(&self) -> serde_json::Value {
+        serde_json::from_str(self.state.text(facts::ACCESS_LOG).unwrap()).unwrap()
+    }
+}
+
+struct Exchange<'a> {
+    path: &'a str,
+    request_headers: Vec<(&'a str, &'a str)>,
+    body: &'a str,
+    status: &'a str,
+    response_headers: Vec<(&'a str, &'a str)>,
+    chunks: Vec<Vec<u8>>,
+    /// The upstream ended the response (false: cut mid-way).
+    complete: bool,
+}
+
+impl Default for Exchange<'_> {
+    fn default() -> Self {
+        Exchange {
+            path: "/v1/chat/completions",
+            request_headers: vec![],
+            body: r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hello there world"}]}"#,
+            status: "200",
+            response_headers: vec![("content-type", "application/json")],
+            chunks: vec![],
+            complete: true,
+        }
+    }
+}
+
+fn run_with(meter: &Rc<Meter>, ex: Exchange<'_>, mut state: FakeFilterState) -> Run {
+    let clock = FakeClock::at(1_000);
+    let mut metrics = FakeMetrics::default();
+    let mut stage = MeterStage::new(Rc::clone(meter));
+    let mut env = Env {
+        clock: &clock,
+        state: &mut state,
+        metrics: &mut metrics,
+    };
+    let mut req: Vec<(String, String)> = vec![
+        (":method".into(), "POST".into()),
+        (":path".into(), ex.path.into()),
+    ];
+    req.extend(
+        ex.request_headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let mut request_edits = HeaderEdits::default();
+    let flow = stage.request_headers(&mut env, &Headers::new(req), &mut request_edits, false);
+    let mut upstream_body = ex.body.as_bytes().to_vec();
+    if let Flow::ReadBody { .. } = flow {
+        if let Body::Replace(b) =
+            stage.request_body(&mut env, ex.body.as_bytes(), false, &mut request_edits)
+        {
+            upstream_body = b;
+        }
+    }
+    clock.advance(100);
+    let mut resp: Vec<(String, String)> = vec![(":status".into(), ex.status.into())];
+    resp.extend(
+        ex.response_headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let mut response_edits = HeaderEdits::default();
+    stage.response_headers(&mut env, &Headers::new(resp), &mut response_edits);
+    let mut client_body = Vec::new();
+    let n = ex.chunks.len();
+    for (i, chunk) in ex.chunks.iter().enumerate() {
+        clock.advance(10);
+        let last = ex.complete && i + 1 == n;
+        match stage.response_chunk(&mut env, chunk, last) {
+            Body::Unchanged => client_body.extend_from_slice(chunk),
+            Body::Replace(b) => client_body.extend_from_slice(&b),
+        }
+    }
+    if ex.complete && n == 0 {
+        stage.response_chunk(&mut env, &[], true);
+    }
+    let status = ex.status.parse().ok();
+    stage.log(
+        &mut env,
+        &LogInput {
+            request_id: Some("req-1".into()),
+            status,
+            duration_ms: None,
+            route_name: Some("llm".into()),
+        },
+    );
+    Run {
+        state,
+        metrics,
+        upstream_body,
+        request_edits,
+        response_edits,
+        client_body,
+    }
+}
+
+fn run(meter: &Rc<Meter>, ex: Exchange<'_>) -> Run {
+    run_with(meter, ex, FakeFilterState::default())
+}
+
+fn sse(events: &[&str]) -> Vec<u8> {
+    events
+        .iter()
+        .map(|e| format!("data: {e}\n\n"))
+        .collect::<String>()
+        .into_bytes()
+}
+
+const CHAT_JSON: &str = r#"{"id":"c","object":"chat.completion","model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant","content":"w0 w1 "},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5,"prompt_tokens_details":{"cached_tokens":1},"completion_tokens_details":{"reasoning_tokens":0}}}"#;
+
+/// An OpenAI stream as the provider sends it when include_usage is on.
+fn chat_stream_with_usage() -> Vec<u8> {
+    sse(&[
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":null}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"w0 "},"finish_reason":null}],"usage":null}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"w1 "},"finish_reason":null}],"usage":null}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#,
+        "[DONE]",
+    ])
+}
+
+/// The same stream as the client would have had without include_usage.
+fn chat_stream_plain() -> Vec<u8> {
+    sse(&[
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"w0 "},"finish_reason":null}]}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"w1 "},"finish_reason":null}]}"#,
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        "[DONE]",
+    ])
+}
+
+const STREAM_BODY: &str = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hello there world"}]}"#;
+
+fn sse_headers() -> Vec<(&'static str, &'static str)> {
+    vec![("content-type", "text/event-stream")]
+}
+
+fn tokens(
+    line: &serde_json::Value,
+) -> (
+    serde_json::Value,
+    serde_json::Value,
+    serde_json::Value,
+    serde_json::Value,
+) {
+    (
+        line["input_tokens"].clone(),
+        line["output_tokens"].clone(),
+        line["cached_input_tokens"].clone(),
+        line["usage_source"].clone(),
+    )
+}
+
+#[test]
+fn meters_a_json_response() {
+    let m = meter(r#"{"prices":{"gpt-4o":{"input":2.5,"cached_input":1.25,"output":10}}}"#);
+    let r = run(
+        &m,
+        Exchange {
+            request_headers: vec![
+                ("x-aigw-consumer", "alice"),
+                ("accept-encoding", "gzip, br"),
+            ],
+            chunks: vec![CHAT_JSON.as_bytes().to_vec()],
+            ..Exchange::default()
+        },
+    );
+    let line = r.line();
+    assert_eq!(line["consumer"], "alice");
+    assert_eq!(line["provider"], "openai");
+    assert_eq!(line["operation"], "chat");
+    assert_eq!(line["model_requested"], "gpt-4o");
+    assert_eq!(line["model"], "gpt-4o-2024-08-06");
+    assert_eq!(line["route"], "llm");
+    assert_eq!(line["request_id"], "req-1");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["stream"], false);
+    assert_eq!(line["input_tokens"], 3);
+    assert_eq!(line["output_tokens"], 2);
+    assert_eq!(line["total_tokens"], 5);
+    assert_eq!(line["cached_input_tokens"], 1);
+    assert_eq!(line["reasoning_tokens"], 0);
+    assert_eq!(line["usage_source"], "provider");
+    let cost = line["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - (2.0 * 2.5 + 1.25 + 2.0 * 10.0) / 1e6).abs() < 1e-12,
+        "{cost}"
+    );
+    assert_eq!(line["ttft_ms"], 110);
+    assert_eq!(line["duration_ms"], 110);
+    for field in ["cache", "ratelimit", "screen"] {
+        assert!(line[field].is_null(), "{field}");
+    }
+    // Identity encoding asked of the upstream; the body goes through untouched.
+    assert_eq!(
+        r.request_edits.set,
+        vec![("accept-encoding".to_string(), "identity".to_string())]
+    );
+    assert_eq!(r.client_body, CHAT_JSON.as_bytes());
+    assert_eq!(
+        r.metrics
+            .counter("aigw_tokens_total;model=gpt-4o-2024-08-06;consumer=alice;token_type=input"),
+        3
+    );
+    assert_eq!(
+        r.metrics
+            .counter("aigw_tokens_total;model=gpt-4o-2024-08-06;consumer=alice;token_type=output"),
+        2
+    );
+    assert_eq!(
+        r.metrics.counter(
+            "aigw_requests_total;model=gpt-4o-2024-08-06;consumer=alice;usage_source=provider"
+        ),
+        1
+    );
+    assert_eq!(facts::usage(&r.state).unwrap().input_tokens, Some(3));
+    assert_eq!(
+        facts::request(&r.state).unwrap().model.as_deref(),
+        Some("gpt-4o")
+    );
+}
+
+#[test]
+fn a_stream_that_asked_for_usage_passes_unchanged() {
+    let body =
+        r#"{"model":"gpt-4o","stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+    let r = run(
+        &meter(""),
+        Exchange {
+            body,
+            response_headers: sse_headers(),
+            chunks: vec![chat_stream_with_usage()],
+            ..Exchange::default()
+        },
+    );
+    assert_eq!(r.upstream_body, body.as_bytes());
+    assert_eq!(r.client_body, chat_stream_with_usage());
+    assert_eq!(
+        tokens(&r.line()),
+        (
+            3.into(),
+            2.into(),
+            serde_json::Value::Null,
+            "provider".into()
+        )
+    );
+    assert_eq!(r.line()["stream"], true);
+}
+
+#[test]
+fn injected_usage_is_metered_and_removed_from_the_client_stream() {
+    let r = run(
+        &meter(""),
+        Exchange {
+            body: STREAM_BODY,
+            response_headers: sse_headers(),
+            chunks: vec![chat_stream_with_usage()],
+            ..Exchange::default()
+        },
+    );
+    let sent: serde_json::Value = serde_json::from_slice(&r.upstream_body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(
+        r.request_edits.set,
+        vec![(
+            "content-length".to_string(),
+            r.upstream_body.len().to_string()
+        )]
+    );
+    assert_eq!(r.response_edits.remove, vec!["content-length".to_string()]);
+    assert_eq!(
+        String::from_utf8_lossy(&r.client_body),
+        String::from_utf8_lossy(&chat_stream_plain())
+    );
+    assert_eq!(
+        tokens(&r.line()),
+        (
+            3.into(),
+            2.into(),
+            serde_json::Value::Null,
+            "provider".into()
+        )
+    );
+}
+
+#[test]
+fn injection_can_be_turned_off() {
+    let r = run(
+        &meter(r#"{"inject_stream_usage":false}"#),
+        Exchange {
+            body: STREAM_BODY,
+            response_headers: sse_headers(),
+            chunks: vec![chat_stream_plain()],
+            ..Exchange::default()
+        },
+    );
+    assert_eq!(r.upstream_body, STREAM_BODY.as_bytes());
+    assert_eq!(r.client_body, chat_stream_plain());
+    // No usage came: estimated from the prompt (17 bytes) and the 6 bytes of output text.
+    assert_eq!(
+        tokens(&r.line()),
+        (
+            5.into(),
+            2.into(),
+            serde_json::Value::Null,
+            "estimated".into()
+        )
+    );
+}
+
+proptest! {
+    #[test]
+    fn any_chunking_gives_the_same_client_bytes_and_usage(cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..40)) {
+        let stream = chat_stream_with_usage();
+        let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len())).collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        let mut chunks = Vec::new();
+        let mut prev = 0;
+        for c in cuts.into_iter().chain([stream.len()]) {
+            chunks.push(stream[prev..c].to_vec());
+            prev = c;
+        }
+        let r = run(&meter(""), Exchange { body: STREAM_BODY, response_headers: sse_headers(), chunks, ..Exchange::default() });
+        prop_assert_eq!(&r.client_body, &chat_stream_plain());
+        prop_assert_eq!(tokens(&r.line()), (3.into(), 2.into(), serde_json::Value::Null, "provider".into()));
+    }
+}
+
+#[test]
+fn one_byte_chunks() {
+    let stream = chat_stream_with_usage();
+    let r = run(
+        &meter(""),
+        Exchange {
+            body: STREAM_BODY,
+            response_headers: sse_headers(),
+            chunks: stream.chunks(1).map(<[u8]>::to_vec).collect(),
+            ..Exchange::default()
+        },
+    );
+    assert_eq!(r.client_body, chat_stream_plain());
+    assert_eq!(
+        tokens(&r.line()),
+        (
+            3.into(),
+            2.into(),
+            serde_json::Value::Null,
+            "provider".into()
+        )
+    );
+}
+
+#[test]
+fn reads_every_api() {
+    struct Case {
+        name: &'static str,
+        path: &'static str,
+        body: &'static str,
+        sse: bool,
+        response: Vec<u8>,
+        want: (u64, u64, Option<u64>, Option<u64>),
+        model: &'static str,
+    }
+    let anthropic_stream = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":5,\"cache_creation_input_tokens\":2,\"cache_read_input_tokens\":3,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"w0 \"}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":7}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_vec();
+    let responses_stream = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"model\":\"gpt-4o\",\"usage\":null}}\n\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"w0 \"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"gpt-4o\",\"usage\":{\"input_tokens\":4,\"input_tokens_details\":{\"cached_tokens\":2},\"output_tokens\":6,\"output_tokens_details\":{\"reasoning_tokens\":3},\"total_tokens\":10}}}\n\n".to_vec();
+    let vllm_stream = sse(&[
+        r#"{"model":"llama","choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}],"usage":{"prompt_tokens":4,"completion_tokens":1,"total_tokens":5}}"#,
+        r#"{"model":"llama","choices":[{"index":0,"delta":{"content":"b"},"finish_reason":null}],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}"#,
+        r#"{"model":"llama","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":{"prompt_tokens":4,"completion_tokens":3,"total_tokens":7}}"#,
+        "[DONE]",
+    ]);
+    let cases = vec![
+        Case {
+            name: "anthropic json",
+            path: "/v1/messages",
+            body: r#"{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#,
+            sse: false,
+            response: br#"{"id":"m","type":"message","model":"claude-sonnet-4-5","content":[{"type":"text","text":"w0"}],"usage":{"input_tokens":5,"cache_creation_input_tokens":2,"cache_read_input_tokens":3,"output_tokens":4}}"#.to_vec(),
+            want: (10, 4, Some(3), None),
+            model: "claude-sonnet-4-5",
+        },
+        Case {
+            name: "anthropic stream",
+            path: "/v1/messages",
+            body: r#"{"model":"claude-sonnet-4-5","stream":true,"messages":[]}"#,
+            sse: true,
+            response: anthropic_stream,
+            want: (10, 7, Some(3), None),
+            model: "claude-sonnet-4-5",
+        },
+        Case {
+            name: "responses stream",
+            path: "/v1/responses",
+            body: r#"{"model":"gpt-4o","stream":true,"input":"hi"}"#,
+            sse: true,
+            response: responses_stream,
+            want: (4, 6, Some(2), Some(3)),
+            model: "gpt-4o",
+        },
+        Case {
+            name: "vllm running totals",
+            path: "/v1/chat/completions",
+            body: r#"{"model":"llama","stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true},"messages":[]}"#,
+            sse: true,
+            response: vllm_stream,
+            want: (4, 3, None, None),
+            model: "llama",
+        },
+        Case {
+            name: "embeddings",
+            path: "/v1/embeddings",
+            body: r#"{"model":"text-embedding-3-small","input":["a b","c"]}"#,
+            sse: false,
+            response: br#"{"object":"list","data":[{"embedding":[0.1,0.2]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":3,"total_tokens":3}}"#.to_vec(),
+            want: (3, 0, None, None),
+            model: "text-embedding-3-small",
+        },
+        Case {
+            name: "azure chat",
+            path: "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21",
+            body: r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            sse: false,
+            response: CHAT_JSON.as_bytes().to_vec(),
+            want: (3, 2, Some(1), Some(0)),
+            model: "gpt-4o-2024-08-06",
+        },
+    ];
+    for c in cases {
+        let headers = if c.sse {
+            sse_headers()
+        } else {
+            vec![("content-type", "application/json")]
+        };
+        let r = run(
+            &meter(""),
+            Exchange {
+                path: c.path,
+                body: c.body,
+                response_headers: headers,
+                chunks: vec![c.response.clone()],
+                ..Exchange::default()
+            },
+        );
+        let line = r.line();
+        let (i, o, cached, reasoning) = c.want;
+        assert_eq!(line["input_tokens"], i, "{}", c.name);
+        assert_eq!(line["output_tokens"], o, "{}", c.name);
+        assert_eq!(
+            line["cached_input_tokens"],
+            serde_json::json!(cached),
+            "{}",
+            c.name
+        );
+        assert_eq!(
+            line["reasoning_tokens"],
+            serde_json::json!(reasoning),
+            "{}",
+            c.name
+        );
+        assert_eq!(line["usage_source"], "provider", "{}", c.name);
+        assert_eq!(line["model"], c.model, "{}", c.name);
+        assert_eq!(r.client_body, c.response, "{}", c.name);
+    }
+}
+
+#[test]
+fn azure_names_its_deployment_and_provider() {
+    let r = run(
+        &meter(""),
+        Exchange {
+            path: "/openai/deployments/prod-4o/chat/completions?api-version=2024-10-21",
+            body: r#"{"messages":[]}"#,
+            chunks: vec![br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#.to_vec()],
+            ..Exchange::default()
+        },
+    );
+    let line = r.line();
+    assert_eq!(line["provider"], "azure");
+    assert_eq!(line["model_requested"], "prod-4o");
+    assert_eq!(line["model"], "prod-4o");
+}
+
+#[test]
+fn errors_are_never_usage() {
+    for status in ["400", "429", "500", "503"] {
+        let r = run(
+            &meter(""),
+            Exchange {
+                status,
+                // A body that looks like usage must still not count.
+                chunks: vec![br#"{"error":{"message":"x"},"usage":{"prompt_tokens":9,"completion_tokens":9}}"#.to_vec()],
+                ..Exchange::default()
+            },
+        );
+        let line = r.line();
+        assert_eq!(line["status"], status.parse::<u16>().unwrap());
+        assert_eq!(
+            tokens(&line),
+            (
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+                "none".into()
+            ),
+            "{status}"
+        );
+        assert!(line["cost_usd"].is_null());
+    }
+}
+
+#[test]
+fn a_cut_stream_is_estimated_from_what_was_seen() {
+    let stream = chat_stream_with_usage();
+    // Cut before the usage chunk: the text seen is "w0 w1 " (6 bytes, 2 tokens).
+    let cut = stream.windows(7).position(|w| w == b"\"stop\"}").unwrap();
+    let r = run(
+        &meter(""),
+        Exchange {
+            body: STREAM_BODY,
+            response_headers: sse_headers(),
+            chunks: vec![stream[..cut].to_vec()],
+            complete: false,
+            ..Exchange::default()
+        },
+    );
+    let line = r.line();
+    assert_eq!(
+        tokens(&line),
+        (
+            5.into(),
+            2.into(),
+            serde_json::Value::Null,
+            "estimated".into()
+        )
+    );
+    assert_eq!(
+        r.metrics
+            .counter("aigw_requests_total;model=gpt-4o;consumer=unknown;usage_source=estimated"),
+        1
+    );
+}
+
+#[test]
+fn nothing_seen_is_none_not_zero() {
+    let r = run(
+        &meter(""),
+        Exchange {
+            path: "/v1/models",
+            body: "",
+            ..Exchange::default()
+        },
+    );
+    let line = r.line();
+    assert_eq!(
+        tokens(&line),
+        (
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            "none".into()
+        )
+    );
+    assert!(line["provider"].is_null());
+    assert!(r.metrics.counters.is_empty(), "{:?}", r.metrics.counters);
+}
+
+#[test]
+fn reads_gzip_responses_without_changing_them() {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(CHAT_JSON.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let r = run(
+        &meter(""),
+        Exchange {
+            response_headers: vec![
+                ("content-type", "application/json"),
+                ("content-encoding", "gzip"),
+            ],
+            chunks: gz.chunks(5).map(<[u8]>::to_vec).collect(),
+            ..Exchange::default()
+        },
+    );
+    assert_eq!(r.client_body, gz);
+    assert_eq!(
+        tokens(&r.line()),
+        (3.into(), 2.into(), 1.into(), "provider".into())
+    );
+}
+
+#[test]
+fn facts_from_other_filters_win() {
+    let state = FakeFilterState::default()
+        .with(facts::CONSUMER, "team-a")
+        .with(facts::PROVIDER, "vllm")
+        .with(facts::ROUTE, "fast-tier")
+        .with(facts::CACHE, "miss")
+        .with(facts::RATELIMIT, "allow")
+        .with(facts::SCREEN, "pass");
+    let r = run_with(
+        &meter(""),
+        Exchange {
+            request_headers: vec![("x-aigw-consumer", "spoofed")],
+            chunks: vec![CHAT_JSON.as_bytes().to_vec()],
+            ..Exchange::default()
+        },
+        state,
+    );
+    let line = r.line();
+    assert_eq!(line["consumer"], "team-a");
+    assert_eq!(line["provider"], "vllm");
+    assert_eq!(line["route"], "fast-tier");
+    assert_eq!(line["cache"], "miss");
+    assert_eq!(line["ratelimit"], "allow");
+    assert_eq!(line["screen"], "pass");
+}
+
+#[test]
+fn strips_null_usage_members() {
+    let cases: &[(&str, &str)] = &[
+        (r#"data: {"a":1,"usage":null}"#, r#"data: {"a":1}"#),
+        (r#"data: {"usage":null,"a":1}"#, r#"data: {"a":1}"#),
+        (r#"data: {"a":1 , "usage" : null }"#, r#"data: {"a":1  }"#),
+        (
+            r#"data: {"a":"\"usage\":null"}"#,
+            r#"data: {"a":"\"usage\":null"}"#,
+        ),
+        (
+            r#"data: {"usage":{"x":null}}"#,
+            r#"data: {"usage":{"x":null}}"#,
+        ),
+    ];
+    for (raw, want) in cases {
+        assert_eq!(
+            String::from_utf8(without_null_usage(raw.as_bytes())).unwrap(),
+            *want,
+            "{raw}"
+        );
+    }
+}
+
+#[test]
+fn rejects_bad_configuration_with_field_and_reason() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            r#"{"consumer_heder":"x"}"#,
+            "consumer_heder",
+            "unknown field `consumer_heder`",
+        ),
+        (
+            r#"{"consumer_header":"X-Team"}"#,
+            "consumer_header",
+            "lower-case",
+        ),
+        (r#"{"max_event_bytes":10}"#, "max_event_bytes", "outside"),
+        (
+            r#"{"max_request_body_bytes":1}"#,
+            "max_request_body_bytes",
+            "outside",
+        ),
+        (
+            r#"{"prices":{"m":{"input":1}}}"#,
+            "prices.m",
+            "missing field `output`",
+        ),
+        (
+            r#"{"prices":{"m":{"input":1,"output":-2}}}"#,
+            "prices.m.output",
+            "not a price",
+        ),
+        (
+            r#"{"inject_stream_usage":"yes"}"#,
+            "inject_stream_usage",
+            "invalid type",
+        ),
+        (
+            r#"{"max_metric_series":0}"#,
+            "max_metric_series",
+            "at least 1",
+        ),
+        (r#"{"provider":""}"#, "provider", "1 to 64"),
+    ];
+    for (config, field, reason) in cases {
+        let err = Meter::from_json(config.as_bytes()).unwrap_err();
+        assert_eq!(err.field, *field, "{config}: {err}");
+        assert!(err.reason.contains(reason), "{config}: {err}");
+    }
+    assert!(Meter::from_json(b"").is_ok());
+    assert!(Meter::from_json(b"{}").is_ok());
+}

@@ -1,0 +1,44 @@
+//! `aigw-config`: prints an Envoy YAML from `envoy/` with its `# aigw:` lines
+//! filled in, for `scripts/run.sh`. The tests render through the same code.
+//!
+//! Usage: aigw-config <yaml> <port> <admin-port> <upstream-url> <access-log> <wasm-dir>
+
+use aigw_tests::render::{render, Upstream, Values};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [yaml, port, admin_port, upstream, access_log, wasm_dir] = args.as_slice() else {
+        eprintln!(
+            "usage: aigw-config <yaml> <port> <admin-port> <upstream-url> <access-log> <wasm-dir>"
+        );
+        return ExitCode::from(2);
+    };
+    let result = (|| -> Result<String, String> {
+        let port = port
+            .parse()
+            .map_err(|_| format!("port {port:?} is not a port number"))?;
+        let admin_port = admin_port
+            .parse()
+            .map_err(|_| format!("admin port {admin_port:?} is not a port number"))?;
+        let text = std::fs::read_to_string(yaml).map_err(|e| format!("{yaml}: {e}"))?;
+        let values = Values {
+            port,
+            admin_port,
+            upstream: Upstream::parse(upstream)?,
+            access_log: access_log.clone(),
+            wasm_dir: wasm_dir.clone(),
+        };
+        render(&text, &values)
+    })();
+    match result {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("aigw-config: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
