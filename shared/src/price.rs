@@ -90,10 +90,12 @@ impl Prices {
         let input = usage.input_tokens?;
         let output = usage.output_tokens?;
         let cached = usage.cached_input_tokens.unwrap_or(0).min(input);
-        let micro = (input - cached) as f64 * price.input
+        let usd_millionths = (input - cached) as f64 * price.input
             + cached as f64 * price.cached_input
             + output as f64 * price.output;
-        Some(micro / 1_000_000.0)
+        // Rounded to a millionth of a cent: exact enough for any bill, and
+        // the log shows 3.3e-6 rather than 3.2999999999999997e-6.
+        Some((usd_millionths * 100.0).round() / 1e8)
     }
 }
 

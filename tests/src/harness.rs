@@ -196,13 +196,19 @@ impl Envoy {
 
     /// Waits (up to 5 s) for the access-log line whose `consumer` is `consumer`.
     pub fn log_line(&self, consumer: &str) -> Option<serde_json::Value> {
+        self.log_lines(consumer, 1).into_iter().next()
+    }
+
+    /// Waits (up to 5 s) until `n` access-log lines have this `consumer`; returns those there are.
+    pub fn log_lines(&self, consumer: &str, n: usize) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let found = self
+            let found: Vec<_> = self
                 .access_log_lines()
                 .into_iter()
-                .find(|l| l["consumer"] == consumer);
-            if found.is_some() || Instant::now() > deadline {
+                .filter(|l| l["consumer"] == consumer)
+                .collect();
+            if found.len() >= n || Instant::now() > deadline {
                 return found;
             }
             std::thread::sleep(Duration::from_millis(50));
