@@ -22,4 +22,4 @@ say "unit tests (the core, the harness, the mock)"
 cargo test --locked -p aigw-shared
 cargo test --locked -p aigw-tests --lib --bins
 say "integration tests (real Envoy, real .wasm, mock LLM)"
-cargo test --locked -p aigw-tests --tests
+cargo test --locked -p aigw-tests --test '*'

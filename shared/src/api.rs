@@ -96,6 +96,7 @@ pub fn classify(method: &str, path: &str) -> Option<Api> {
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)] // tables of cases read best inline
 mod tests {
     use super::*;
 

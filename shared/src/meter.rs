@@ -44,6 +44,12 @@ pub struct MeterConfig {
     pub provider: Option<String>,
     /// Ask OpenAI-style streams for usage when the client did not (default true).
     pub inject_stream_usage: Option<bool>,
+    /// Hold request headers while the body is read, so Content-Length can be
+    /// set after the body grows (default true; needs Envoy's
+    /// `allow_on_headers_stop_iteration`). False drops Content-Length up front
+    /// instead and Envoy sends the body chunked: for hosts that cannot set
+    /// that option, such as Istio's WasmPlugin.
+    pub hold_request_headers: Option<bool>,
     /// Ask upstreams for uncompressed responses (default true).
     pub identity_encoding: Option<bool>,
     /// Largest request body read for facts (default 8 MiB).
@@ -64,6 +70,7 @@ pub struct Meter {
     consumer_header: String,
     provider: Option<String>,
     inject_stream_usage: bool,
+    hold_request_headers: bool,
     identity_encoding: bool,
     max_request_body_bytes: usize,
     max_event_bytes: usize,
@@ -115,6 +122,7 @@ impl Meter {
             consumer_header,
             provider: c.provider,
             inject_stream_usage: c.inject_stream_usage.unwrap_or(true),
+            hold_request_headers: c.hold_request_headers.unwrap_or(true),
             identity_encoding: c.identity_encoding.unwrap_or(true),
             max_request_body_bytes,
             max_event_bytes,
@@ -129,7 +137,7 @@ enum Reading {
     /// Not an LLM response, an error status, or an encoding we cannot read.
     Nothing,
     Sse {
-        parser: sse::Parser,
+        parser: Box<sse::Parser>,
         strip: bool,
     },
     Json(Box<TopLevel>),
@@ -310,8 +318,13 @@ impl Stage for MeterStage {
                 return Flow::Continue;
             }
         }
+        let may_inject = self.meter.inject_stream_usage && api.has_stream_options();
+        if may_inject && !self.meter.hold_request_headers {
+            // The body may grow after these headers are gone: no stale length.
+            edits.remove("content-length");
+        }
         Flow::ReadBody {
-            hold_headers: self.meter.inject_stream_usage && api.has_stream_options(),
+            hold_headers: may_inject && self.meter.hold_request_headers,
         }
     }
 
@@ -349,7 +362,9 @@ impl Stage for MeterStage {
             Some(new) => {
                 self.injected = true;
                 // The body grows: a stale Content-Length would truncate it upstream.
-                edits.set("content-length", new.len().to_string());
+                if self.meter.hold_request_headers {
+                    edits.set("content-length", new.len().to_string());
+                }
                 Body::Replace(new)
             }
             None => Body::Unchanged,
@@ -384,7 +399,7 @@ impl Stage for MeterStage {
                 max_event_bytes: self.meter.max_event_bytes,
             };
             Reading::Sse {
-                parser: sse::Parser::new(limits, strip),
+                parser: Box::new(sse::Parser::new(limits, strip)),
                 strip,
             }
         } else {

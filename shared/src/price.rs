@@ -100,6 +100,7 @@ impl Prices {
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)] // tables of cases read best inline
 mod tests {
     use super::*;
     use crate::usage::UsageSource;

@@ -205,6 +205,7 @@ impl<'de> Visitor<'de> for TextLenVisitor {
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)] // tables of cases read best inline
 mod tests {
     use super::*;
 

@@ -199,6 +199,7 @@ pub fn estimate_tokens(bytes: u64) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)] // tables of cases read best inline
 mod tests {
     use super::*;
 

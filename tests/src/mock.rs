@@ -2,6 +2,24 @@
 //! HTTP APIs with *deterministic* token usage, so that tests driving a real
 //! Envoy (and the real `.wasm` plugins) can predict exact counts.
 //!
+//! Endpoints: `POST /v1/chat/completions`, `/v1/completions`,
+//! `/v1/responses`, `/v1/embeddings`, `/v1/messages` (Anthropic),
+//! `/openai/deployments/{d}/{chat/completions,completions,embeddings}?api-version=..`
+//! (Azure), and `GET /healthz`.
+//!
+//! Counting: P (prompt) is the [`words`] of the request's text, or
+//! `x-mock-prompt-tokens`; the answer is C = `x-mock-chunks` (default 5)
+//! pieces `"w0 "`, `"w1 "`, ..., one token each; R = `x-mock-reasoning-tokens`
+//! (OpenAI counts it inside the completion); K = `x-mock-cached-tokens`;
+//! W = `x-mock-cache-creation-tokens` (Anthropic `input_tokens` = P - K - W).
+//!
+//! Transport knobs (request headers): `x-mock-status`, `x-mock-ttft-ms`,
+//! `x-mock-chunk-delay-ms`, `x-mock-split-bytes` + `x-mock-split-delay-ms`,
+//! `x-mock-abort-after`, `x-mock-omit-usage`, `x-mock-newline`
+//! (`lf|crlf|cr`), `x-mock-sse-extras`, `x-mock-gzip` (`force|off`; otherwise
+//! gzip follows `accept-encoding`), `x-mock-response-model`. A knob with a bad
+//! value is a 400, so a typo cannot silently test the default.
+//!
 //! Design:
 //! - Plain `std::net` HTTP/1.1 with one thread per connection. Envoy pools
 //!   upstream connections, so keep-alive, pipelining (the same buffered reader
@@ -9,25 +27,23 @@
 //!   `Transfer-Encoding: chunked`) are supported. `TCP_NODELAY` is set so
 //!   every HTTP chunk leaves as soon as it is written: the point of the
 //!   streaming knobs is that Envoy sees the pieces separately.
-//! - Handling is split in two: [`respond`] turns a parsed request into a
-//!   [`Reply`] (status + either a whole body or a list of SSE events), and
-//!   [`write_reply`] puts it on the wire, applying every transport knob
+//! - Handling is split in two: `respond` turns a parsed request into a
+//!   `Reply` (status + either a whole body or a list of SSE events), and
+//!   `write_reply` puts it on the wire, applying every transport knob
 //!   (timing, gzip, splitting, aborting, newline style, SSE extras). That way
 //!   each knob works the same for every endpoint.
-//! - JSON is written by hand (with [`js`] for string escaping) rather than via
+//! - JSON is written by hand (with `js` for string escaping) rather than via
 //!   `serde_json::Value`: member order matters to the tests (e.g. `"usage":null`
 //!   must be the last member, like OpenAI sends it) and `Value`'s order depends
 //!   on whether some other crate in the workspace enables `preserve_order`.
-//! - Token counts: prompt tokens are the whitespace-separated [`words`] of the
-//!   request's text; the answer is `N` pieces `"w0 "`, `"w1 "`, ... each worth
-//!   one token. Headers (`x-mock-*`) override or add counts; see the brief in
-//!   the project docs and [`Knobs`].
 //! - Nothing here may panic on input: bad HTTP, bad JSON or bad knob values
 //!   get a 4xx with the provider's error shape. Request bodies are never
 //!   printed.
 //! - Pieces written under `x-mock-split-bytes` never straddle two SSE events,
 //!   so `x-mock-chunk-delay-ms` keeps its meaning (an event is complete on the
 //!   wire before the delay starts).
+//! - Dropping [`MockLlm`] hangs up every open connection, so idle keep-alive
+//!   threads end with the test instead of outliving it.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -209,11 +225,12 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             Ok(None) | Err(ReadError::Closed) => break,
             Err(ReadError::Bad(status, message)) => {
                 let reply = error_reply(Provider::OpenAi, status, &message, Knobs::default());
-                let _ = write_reply(&mut out, reply, false);
+                let _ = write_reply(&mut out, reply, false, false);
                 break;
             }
         };
         let keep_alive = req.keep_alive;
+        let head_only = req.method == "HEAD";
         let reply = respond(&req);
         lock(&shared.requests).push(RecordedRequest {
             method: req.method,
@@ -221,7 +238,7 @@ fn serve_connection(stream: TcpStream, shared: &Shared) {
             headers: req.headers,
             body: req.body,
         });
-        match write_reply(&mut out, reply, keep_alive) {
+        match write_reply(&mut out, reply, keep_alive, head_only) {
             Ok(true) => {}
             Ok(false) | Err(_) => break,
         }
@@ -355,8 +372,7 @@ fn read_request(
                 .filter(|(n, _)| n == "transfer-encoding")
                 .flat_map(|(_, v)| v.split(','))
                 .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .last();
+                .rfind(|t| !t.is_empty());
             if !last.is_some_and(|t| t.eq_ignore_ascii_case("chunked")) {
                 return Err(ReadError::Bad(501, "unsupported transfer-encoding".into()));
             }
@@ -757,7 +773,7 @@ fn error_reply(provider: Provider, status: u16, message: &str, knobs: Knobs) -> 
 /// Turns a parsed request into what to send; never fails.
 fn respond(req: &Request) -> Reply {
     let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
-    if req.method == "GET" && path == "/healthz" {
+    if (req.method == "GET" || req.method == "HEAD") && path == "/healthz" {
         return Reply {
             status: 200,
             content_type: "text/plain",
@@ -1477,7 +1493,14 @@ fn split_point(json: &str) -> Option<usize> {
 }
 
 /// Sends `reply`; `Ok(true)` if the connection may serve another request.
-fn write_reply(out: &mut TcpStream, reply: Reply, keep_alive: bool) -> io::Result<bool> {
+/// `head_only` (a HEAD request) sends the headers a GET would get, as HTTP
+/// requires; a body there would be read as the next response.
+fn write_reply(
+    out: &mut TcpStream,
+    reply: Reply,
+    keep_alive: bool,
+    head_only: bool,
+) -> io::Result<bool> {
     let Reply {
         status,
         content_type,
@@ -1499,6 +1522,9 @@ fn write_reply(out: &mut TcpStream, reply: Reply, keep_alive: bool) -> io::Resul
             let length = (!chunked).then_some(bytes.len());
             out.write_all(&head(status, content_type, knobs.gzip, length, keep_alive))?;
             out.flush()?;
+            if head_only {
+                return Ok(keep_alive);
+            }
             let mut sink = Sink {
                 out,
                 chunked,
@@ -2094,7 +2120,7 @@ mod tests {
         s.write_all(
             request(
                 "/v1/chat/completions",
-                &[("x-mock-ttft-ms", "150")],
+                &[("x-mock-ttft-ms", "150"), ("connection", "close")],
                 CHAT_STREAM,
             )
             .as_bytes(),
@@ -2104,10 +2130,46 @@ mod tests {
         let mut status = String::new();
         r.read_line(&mut status).unwrap();
         assert!(status.starts_with("HTTP/1.1 200"));
-        assert!(start.elapsed() < Duration::from_millis(120));
+        let headers_at = start.elapsed();
         let mut rest = Vec::new();
-        r.read_to_end(&mut rest).unwrap_or_default();
-        assert!(start.elapsed() >= Duration::from_millis(150));
+        r.read_to_end(&mut rest).unwrap();
+        // The wait starts only after the headers went out.
+        assert!(start.elapsed() - headers_at >= Duration::from_millis(100));
+        assert!(String::from_utf8(rest)
+            .unwrap()
+            .contains("connection: close"));
+    }
+
+    #[test]
+    fn head_has_no_body_and_keeps_framing() {
+        let mock = MockLlm::start().unwrap();
+        let mut s = TcpStream::connect(mock.addr()).unwrap();
+        s.write_all(b"HEAD /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /healthz HTTP/1.1\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut all = String::new();
+        s.read_to_string(&mut all).unwrap();
+        assert!(
+            all.contains("content-length: 2\r\n\r\nHTTP/1.1 200 OK\r\n"),
+            "{all}"
+        );
+        assert!(all.ends_with("\r\n\r\nok"));
+    }
+
+    #[test]
+    fn drop_hangs_up_idle_connections_and_stops_listening() {
+        let mock = MockLlm::start().unwrap();
+        let addr = mock.addr();
+        let mut idle = TcpStream::connect(addr).unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+        let mut r = BufReader::new(idle.try_clone().unwrap());
+        assert_eq!(read_response(&mut r).status, 200);
+        let start = Instant::now();
+        drop(mock);
+        assert!(start.elapsed() < Duration::from_secs(1));
+        idle.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut rest = Vec::new();
+        assert_eq!(r.read_to_end(&mut rest).unwrap(), 0);
+        assert!(TcpStream::connect(addr).is_err());
     }
 
     #[test]

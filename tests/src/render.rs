@@ -89,9 +89,7 @@ fn key_at(line: &str, key: &str) -> Option<usize> {
 fn replace_after(line: &str, key: &str, value: &str) -> Option<String> {
     let i = key_at(line, key)? + key.len();
     let rest = &line[i..];
-    let end = rest
-        .find(|c: char| c == ',' || c == '}' || c == '#')
-        .unwrap_or(rest.len());
+    let end = rest.find([',', '}', '#']).unwrap_or(rest.len());
     let trailing = rest[end..].trim_start();
     let gap = match trailing.chars().next() {
         Some('#') => "  ",

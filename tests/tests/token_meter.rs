@@ -4,6 +4,14 @@
 //! carries its own consumer id, so its access-log line and its metric series
 //! are its own.
 
+// Test code: a failed expectation is a panic with a message.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::type_complexity
+)]
+
 use aigw_tests::client::{self, Response};
 use aigw_tests::harness::Envoy;
 use aigw_tests::mock::MockLlm;
@@ -679,5 +687,39 @@ fn a_bad_configuration_is_refused_with_field_and_reason() {
             "token-meter: invalid configuration: consumer_heder: unknown field `consumer_heder`"
         ),
         "{err}"
+    );
+}
+
+#[test]
+fn works_where_request_headers_cannot_be_held() {
+    // As under Istio: no allow_on_headers_stop_iteration, hold_request_headers false.
+    let yaml =
+        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let yaml = yaml
+        .replace(
+            "allow_on_headers_stop_iteration: true",
+            "allow_on_headers_stop_iteration: false",
+        )
+        .replace(
+            "\"consumer_header\": \"x-aigw-consumer\",",
+            "\"consumer_header\": \"x-aigw-consumer\", \"hold_request_headers\": false,",
+        );
+    assert!(yaml.contains("\"hold_request_headers\": false"));
+    let mock = MockLlm::start().unwrap();
+    let envoy = Envoy::start_text(&yaml, mock.addr()).unwrap();
+    let body = chat(Some(Value::Null));
+    let headers = [("x-aigw-consumer", "no-hold"), ("x-mock-chunks", "3")];
+    let through = client::post(envoy.addr(), "/v1/chat/completions", &headers, &body).unwrap();
+    let seen = mock.last_request().unwrap();
+    assert_eq!(seen.header("content-length"), None);
+    assert_eq!(seen.header("transfer-encoding"), Some("chunked"));
+    let sent: Value = serde_json::from_slice(&seen.body).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    let direct = client::post(mock.addr(), "/v1/chat/completions", &headers, &body).unwrap();
+    assert_eq!(through.text(), direct.text());
+    assert_usage(
+        &envoy.log_line("no-hold").unwrap(),
+        "no hold",
+        (4, 3, Some(0), Some(0)),
     );
 }

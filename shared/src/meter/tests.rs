@@ -310,6 +310,23 @@ fn injected_usage_is_metered_and_removed_from_the_client_stream() {
 }
 
 #[test]
+fn without_holding_headers_the_length_is_dropped_up_front() {
+    let r = run(
+        &meter(r#"{"hold_request_headers":false}"#),
+        Exchange {
+            body: STREAM_BODY,
+            response_headers: sse_headers(),
+            chunks: vec![chat_stream_with_usage()],
+            ..Exchange::default()
+        },
+    );
+    assert_eq!(r.request_edits.remove, vec!["content-length".to_string()]);
+    assert!(r.request_edits.set.is_empty(), "{:?}", r.request_edits);
+    assert_ne!(r.upstream_body, STREAM_BODY.as_bytes());
+    assert_eq!(r.client_body, chat_stream_plain());
+}
+
+#[test]
 fn injection_can_be_turned_off() {
     let r = run(
         &meter(r#"{"inject_stream_usage":false}"#),
