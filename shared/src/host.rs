@@ -180,9 +180,12 @@ impl<S: Stage> HttpContext for StageHttp<S> {
             return Action::Pause;
         }
         self.reading_request_body = false;
-        let body = self
-            .get_http_request_body(0, body_size.min(limit))
-            .unwrap_or_default();
+        // A body past the limit is not read at all: the stage only learns it was there.
+        let body = if truncated {
+            Vec::new()
+        } else {
+            self.get_http_request_body(0, body_size).unwrap_or_default()
+        };
         let mut edits = HeaderEdits::default();
         let out = self
             .stage
@@ -207,7 +210,7 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let chunk = if body_size > 0 {
+        let chunk = if body_size > 0 && self.stage.wants_response_body() {
             self.get_http_response_body(0, body_size)
                 .unwrap_or_default()
         } else {
@@ -244,6 +247,13 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 }
 
+/// An HTTP context that does nothing: every callback is the SDK's default
+/// `Continue`, so no header map or body is copied into the VM.
+pub struct Idle;
+
+impl Context for Idle {}
+impl HttpContext for Idle {}
+
 /// The whole shell of a filter that is not built yet: it accepts only an
 /// empty configuration and passes every request through untouched.
 #[macro_export]
@@ -251,8 +261,7 @@ macro_rules! passthrough_plugin {
     ($name:literal) => {
         use proxy_wasm::traits::{Context, HttpContext, RootContext};
         use proxy_wasm::types::{ContextType, LogLevel};
-        use $crate::host::{self, StageHttp};
-        use $crate::stage::PassThrough;
+        use $crate::host::{self, Idle};
 
         proxy_wasm::main! {{
             host::init();
@@ -283,7 +292,7 @@ macro_rules! passthrough_plugin {
             }
 
             fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-                Some(Box::new(StageHttp::new(PassThrough)))
+                Some(Box::new(Idle))
             }
         }
     };

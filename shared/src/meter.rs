@@ -536,6 +536,10 @@ impl Stage for MeterStage {
     fn max_request_body(&self) -> usize {
         self.meter.max_request_body_bytes
     }
+
+    fn wants_response_body(&self) -> bool {
+        !matches!(self.reading, Reading::Nothing)
+    }
 }
 
 pub fn operation_name(op: Operation) -> &'static str {

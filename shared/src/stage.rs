@@ -108,7 +108,8 @@ pub trait Stage {
         end_of_stream: bool,
     ) -> Flow;
     /// The whole request body (only after `Flow::ReadBody`). `truncated` when
-    /// it grew past the limit the stage gave and only its start is here.
+    /// it grew past the limit the stage gave: it is then not read, and `body`
+    /// is empty.
     fn request_body(
         &mut self,
         env: &mut Env<'_>,
@@ -121,30 +122,9 @@ pub trait Stage {
     fn log(&mut self, env: &mut Env<'_>, input: &LogInput);
     /// The largest request body the stage wants to read whole.
     fn max_request_body(&self) -> usize;
-}
-
-/// A stage that does nothing: the filters whose issues are still open.
-pub struct PassThrough;
-
-impl Stage for PassThrough {
-    fn request_headers(
-        &mut self,
-        _: &mut Env<'_>,
-        _: &Headers,
-        _: &mut HeaderEdits,
-        _: bool,
-    ) -> Flow {
-        Flow::Continue
-    }
-    fn request_body(&mut self, _: &mut Env<'_>, _: &[u8], _: bool, _: &mut HeaderEdits) -> Body {
-        Body::Unchanged
-    }
-    fn response_headers(&mut self, _: &mut Env<'_>, _: &Headers, _: &mut HeaderEdits) {}
-    fn response_chunk(&mut self, _: &mut Env<'_>, _: &[u8], _: bool) -> Body {
-        Body::Unchanged
-    }
-    fn log(&mut self, _: &mut Env<'_>, _: &LogInput) {}
-    fn max_request_body(&self) -> usize {
-        0
+    /// Whether `response_chunk` needs the bytes; when false the shell does not
+    /// copy them out of the host (it still reports the end of the stream).
+    fn wants_response_body(&self) -> bool {
+        true
     }
 }

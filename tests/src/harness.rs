@@ -162,6 +162,11 @@ impl Envoy {
         Err(format!("envoy not ready after 30 s:\n{}", self.log_text()))
     }
 
+    /// Envoy's process id (for CPU accounting in the benchmark).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }

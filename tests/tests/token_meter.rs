@@ -723,3 +723,32 @@ fn works_where_request_headers_cannot_be_held() {
         (4, 3, Some(0), Some(0)),
     );
 }
+
+#[test]
+fn oversized_request_bodies_pass_unread() {
+    let gw = gateway();
+    // 10 MB of prompt: past the meter's 8 MiB default, under Envoy's 16 MiB buffer.
+    let body = json!({"model": "gpt-4o", "stream": true,
+                      "messages": [{"role": "user", "content": "word ".repeat(2_000_000)}]})
+    .to_string();
+    let resp = gw.post(
+        "/v1/chat/completions",
+        "big-body",
+        &[("x-mock-chunks", "2")],
+        &body,
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = gw.mock.last_request().unwrap();
+    assert_eq!(
+        seen.body.len(),
+        body.len(),
+        "the body reaches the upstream untouched"
+    );
+    let line = gw.line("big-body");
+    assert!(line["model_requested"].is_null(), "{line}");
+    // Not injected, so the upstream sent no usage: the output is estimated from
+    // "w0 w1 " and the unread prompt stays unknown.
+    assert_eq!(line["usage_source"], "estimated", "{line}");
+    assert_eq!(line["output_tokens"], 2, "{line}");
+    assert!(line["input_tokens"].is_null(), "{line}");
+}

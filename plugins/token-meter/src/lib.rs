@@ -4,9 +4,8 @@
 //! gives each request a [`MeterStage`] run by the shared host adapter. All
 //! metering logic is in `aigw_shared::meter`.
 
-use aigw_shared::host::{self, StageHttp};
+use aigw_shared::host::{self, Idle, StageHttp};
 use aigw_shared::meter::{Meter, MeterStage};
-use aigw_shared::stage::PassThrough;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::rc::Rc;
@@ -49,7 +48,7 @@ impl RootContext for TokenMeterRoot {
         // did, passing the request through beats trapping the VM.
         Some(match &self.meter {
             Some(meter) => Box::new(StageHttp::new(MeterStage::new(Rc::clone(meter)))),
-            None => Box::new(StageHttp::new(PassThrough)),
+            None => Box::new(Idle),
         })
     }
 }
