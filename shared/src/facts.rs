@@ -52,13 +52,15 @@ pub fn text(state: &dyn FilterState, key: &str) -> Option<String> {
 }
 
 /// An outcome fact, if it holds one of the allowed values.
-pub fn outcome(state: &dyn FilterState, key: &str, allowed: &[&str]) -> Option<&'static str> {
+pub fn outcome(
+    state: &dyn FilterState,
+    key: &str,
+    allowed: &'static [&'static str],
+) -> Option<&'static str> {
     let v = state.get(key)?;
-    CACHE_OUTCOMES
+    allowed
         .iter()
-        .chain(RATELIMIT_OUTCOMES)
-        .chain(SCREEN_OUTCOMES)
-        .find(|o| o.as_bytes() == v.as_slice() && allowed.contains(o))
+        .find(|o| o.as_bytes() == v.as_slice())
         .copied()
 }
 

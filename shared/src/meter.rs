@@ -211,7 +211,7 @@ impl MeterStage {
             } => {
                 parser.feed(bytes, |item| {
                     if let Item::Event(e) = item {
-                        on_event(seen, family, e.event_type, e.data);
+                        on_event(seen, family, e.event_type, e.data, false);
                     }
                 });
                 None
@@ -222,7 +222,7 @@ impl MeterStage {
             } => {
                 let mut out = Vec::with_capacity(bytes.len());
                 parser.feed(bytes, |item| match item {
-                    Item::Event(e) => match on_event(seen, family, e.event_type, e.data) {
+                    Item::Event(e) => match on_event(seen, family, e.event_type, e.data, true) {
                         EventUse::Keep => out.extend_from_slice(e.raw),
                         EventUse::UsageOnly => {}
                         EventUse::NullUsage => out.extend_from_slice(&without_null_usage(e.raw)),
@@ -685,7 +685,14 @@ struct ChoiceWire<'a> {
     finish_reason: Option<Cow<'a, str>>,
 }
 
-fn on_event(seen: &mut Seen, family: Family, event_type: &[u8], data: &[u8]) -> EventUse {
+/// Reads one event into `seen`; with `rewriting`, also says what to do with it.
+fn on_event(
+    seen: &mut Seen,
+    family: Family,
+    event_type: &[u8],
+    data: &[u8],
+    rewriting: bool,
+) -> EventUse {
     if data == b"[DONE]" {
         return EventUse::Keep;
     }
@@ -726,6 +733,9 @@ fn on_event(seen: &mut Seen, family: Family, event_type: &[u8], data: &[u8]) -> 
             b"response.completed" | b"response.incomplete" | b"response.failed"
         );
         seen.observed.observe(u, last);
+    }
+    if !rewriting {
+        return EventUse::Keep;
     }
     match (&ev.usage, &ev.choices) {
         (Some(_), Some(c)) if c.is_empty() => EventUse::UsageOnly,

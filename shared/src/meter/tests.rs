@@ -177,6 +177,24 @@ fn tokens(
     )
 }
 
+/// (input, output, no cached count, source) as `tokens` returns it.
+fn counted(
+    io: &[u64; 2],
+    source: &str,
+) -> (
+    serde_json::Value,
+    serde_json::Value,
+    serde_json::Value,
+    serde_json::Value,
+) {
+    (
+        io[0].into(),
+        io[1].into(),
+        serde_json::Value::Null,
+        source.into(),
+    )
+}
+
 #[test]
 fn meters_a_json_response() {
     let m = meter(r#"{"prices":{"gpt-4o":{"input":2.5,"cached_input":1.25,"output":10}}}"#);
@@ -261,15 +279,7 @@ fn a_stream_that_asked_for_usage_passes_unchanged() {
     );
     assert_eq!(r.upstream_body, body.as_bytes());
     assert_eq!(r.client_body, chat_stream_with_usage());
-    assert_eq!(
-        tokens(&r.line()),
-        (
-            3.into(),
-            2.into(),
-            serde_json::Value::Null,
-            "provider".into()
-        )
-    );
+    assert_eq!(tokens(&r.line()), counted(&[3, 2], "provider"));
     assert_eq!(r.line()["stream"], true);
 }
 
@@ -298,15 +308,7 @@ fn injected_usage_is_metered_and_removed_from_the_client_stream() {
         String::from_utf8_lossy(&r.client_body),
         String::from_utf8_lossy(&chat_stream_plain())
     );
-    assert_eq!(
-        tokens(&r.line()),
-        (
-            3.into(),
-            2.into(),
-            serde_json::Value::Null,
-            "provider".into()
-        )
-    );
+    assert_eq!(tokens(&r.line()), counted(&[3, 2], "provider"));
 }
 
 #[test]
@@ -340,15 +342,7 @@ fn injection_can_be_turned_off() {
     assert_eq!(r.upstream_body, STREAM_BODY.as_bytes());
     assert_eq!(r.client_body, chat_stream_plain());
     // No usage came: estimated from the prompt (17 bytes) and the 6 bytes of output text.
-    assert_eq!(
-        tokens(&r.line()),
-        (
-            5.into(),
-            2.into(),
-            serde_json::Value::Null,
-            "estimated".into()
-        )
-    );
+    assert_eq!(tokens(&r.line()), counted(&[5, 2], "estimated"));
 }
 
 proptest! {
@@ -366,7 +360,8 @@ proptest! {
         }
         let r = run(&meter(""), Exchange { body: STREAM_BODY, response_headers: sse_headers(), chunks, ..Exchange::default() });
         prop_assert_eq!(&r.client_body, &chat_stream_plain());
-        prop_assert_eq!(tokens(&r.line()), (3.into(), 2.into(), serde_json::Value::Null, "provider".into()));
+        prop_assert_eq!(tokens(&r.line()),
+        counted(&[3, 2], "provider"));
     }
 }
 
@@ -383,15 +378,7 @@ fn one_byte_chunks() {
         },
     );
     assert_eq!(r.client_body, chat_stream_plain());
-    assert_eq!(
-        tokens(&r.line()),
-        (
-            3.into(),
-            2.into(),
-            serde_json::Value::Null,
-            "provider".into()
-        )
-    );
+    assert_eq!(tokens(&r.line()), counted(&[3, 2], "provider"));
 }
 
 #[test]
