@@ -35,7 +35,7 @@ else
 fi
 
 "$ROOT/target/release/aigw-config" "$ROOT/envoy/gateway.yaml" "$port" "$admin_port" \
-  "$upstream" "$access_log" "$WASM_DIR" >"$work/gateway.yaml"
+  "$upstream" "$access_log" "$WASM_DIR" "${AIGW_UPSTREAM_CA:-}" >"$work/gateway.yaml"
 "$ENVOY" -c "$work/gateway.yaml" --concurrency "${AIGW_CONCURRENCY:-2}" --disable-hot-restart \
   --file-flush-interval-msec 250 -l "${AIGW_LOG_LEVEL:-warning}" &
 envoy_pid=$!

@@ -30,6 +30,17 @@ if [ ! -x "$ENVOY" ] || ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERS
   "$ENVOY" --version | grep -q "/$ENVOY_VERSION/" || die "installed envoy is not $ENVOY_VERSION"
 fi
 
+# openssl makes the throw-away certificate of the TLS upstream test.
+if ! command -v openssl >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing openssl"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
+  else
+    die "openssl not found and cannot apt-get it"
+  fi
+fi
+
 # docker-compose (Debian's, no engine needed) checks envoy/docker-compose.yaml.
 if ! command -v docker-compose >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -23,3 +23,6 @@ cargo test --locked -p aigw-shared
 cargo test --locked -p aigw-tests --lib --bins
 say "integration tests (real Envoy, real .wasm, mock LLM)"
 cargo test --locked -p aigw-tests --test '*'
+
+say "the run command, as a user runs it"
+python3 "$ROOT/tests/smoke_run.py"

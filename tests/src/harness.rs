@@ -88,6 +88,16 @@ impl Envoy {
 
     /// Starts Envoy with YAML text (marked lines are filled in).
     pub fn start_text(yaml: &str, upstream: SocketAddr) -> Result<Envoy, String> {
+        Envoy::start_with(yaml, &format!("http://{upstream}"), None)
+    }
+
+    /// Starts Envoy with YAML text in front of an upstream base URL, with the
+    /// CA bundle that verifies it when it is https.
+    pub fn start_with(
+        yaml: &str,
+        upstream: &str,
+        upstream_ca: Option<&Path>,
+    ) -> Result<Envoy, String> {
         let envoy = envoy_bin();
         if !envoy.exists() {
             return Err(format!(
@@ -111,9 +121,10 @@ impl Envoy {
         let values = Values {
             port,
             admin_port,
-            upstream: Upstream::parse(&format!("http://{upstream}"))?,
+            upstream: Upstream::parse(upstream)?,
             access_log: access_log.display().to_string(),
             wasm_dir: wasm.display().to_string(),
+            upstream_ca: upstream_ca.map(|p| p.display().to_string()),
         };
         let rendered = render::render(yaml, &values)?;
         std::fs::write(&config, rendered).map_err(|e| e.to_string())?;

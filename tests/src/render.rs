@@ -68,7 +68,12 @@ pub struct Values {
     pub upstream: Upstream,
     pub access_log: String,
     pub wasm_dir: String,
+    /// CA bundle that verifies an https upstream; the system bundle when `None`.
+    pub upstream_ca: Option<String>,
 }
+
+/// Debian's (and most distributions') bundle of public CAs.
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Replaces the `port_value` on the marked line.
 fn with_port(line: &str, port: u16) -> Option<String> {
@@ -99,7 +104,7 @@ fn replace_after(line: &str, key: &str, value: &str) -> Option<String> {
     Some(format!("{} {value}{gap}{trailing}", &line[..i]))
 }
 
-fn tls_block(indent: &str, host: &str) -> String {
+fn tls_block(indent: &str, host: &str, ca: &str) -> String {
     [
         "transport_socket:",
         "  name: envoy.transport_sockets.tls",
@@ -108,7 +113,7 @@ fn tls_block(indent: &str, host: &str) -> String {
         &format!("    sni: {host}"),
         "    common_tls_context:",
         "      validation_context:",
-        "        trusted_ca: { filename: /etc/ssl/certs/ca-certificates.crt }",
+        &format!("        trusted_ca: {{ filename: {ca} }}"),
     ]
     .iter()
     .map(|l| format!("{indent}{l}\n"))
@@ -139,7 +144,8 @@ pub fn render(yaml: &str, v: &Values) -> Result<String, String> {
             Some("upstream_tls") => {
                 if v.upstream.tls {
                     let indent: String = line.chars().take_while(|c| *c == ' ').collect();
-                    out.push_str(&tls_block(&indent, &v.upstream.host));
+                    let ca = v.upstream_ca.as_deref().unwrap_or(SYSTEM_CA_BUNDLE);
+                    out.push_str(&tls_block(&indent, &v.upstream.host, ca));
                 }
                 continue;
             }
@@ -194,6 +200,7 @@ mod tests {
             upstream: Upstream::parse("https://api.openai.com").unwrap(),
             access_log: "/tmp/a.jsonl".into(),
             wasm_dir: "/w".into(),
+            upstream_ca: None,
         };
         let out = render(yaml, &v).unwrap();
         assert!(out.contains("port_value: 1 }  # aigw:port"), "{out}");
@@ -208,6 +215,10 @@ mod tests {
         assert!(out.contains("filename: /w/token-meter.wasm"), "{out}");
         assert!(out.contains("  transport_socket:\n"), "{out}");
         assert!(out.contains("sni: api.openai.com"), "{out}");
+        assert!(
+            out.contains("trusted_ca: { filename: /etc/ssl/certs/ca-certificates.crt }"),
+            "{out}"
+        );
         assert!(render("x: 1  # aigw:nope\n", &v).is_err());
         assert_eq!(render("# aigw: prose\n", &v).unwrap(), "# aigw: prose\n");
         assert!(render("x: 1  # aigw:port\n", &v).is_err());

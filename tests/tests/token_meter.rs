@@ -752,3 +752,125 @@ fn oversized_request_bodies_pass_unread() {
     assert_eq!(line["output_tokens"], 2, "{line}");
     assert!(line["input_tokens"].is_null(), "{line}");
 }
+
+/// An Envoy that terminates TLS for `localhost` only (a handshake without
+/// that SNI finds no filter chain and fails) and passes plain HTTP on.
+const TLS_TERMINATOR: &str = r#"
+admin:
+  address:
+    socket_address: { address: 127.0.0.1, port_value: 1 }  # aigw:admin_port
+static_resources:
+  listeners:
+  - name: tls
+    address:
+      socket_address: { address: 127.0.0.1, port_value: 1 }  # aigw:port
+    # Reads the SNI so that filter_chain_match can require it.
+    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector
+    filter_chains:
+    - filter_chain_match: { server_names: ["localhost"] }
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          common_tls_context:
+            tls_certificates:
+            - certificate_chain: { filename: CERT }
+              private_key: { filename: KEY }
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: tls
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route: { cluster: upstream }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: upstream
+    type: STATIC
+    load_assignment:
+      cluster_name: upstream
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: { address: 127.0.0.1, port_value: 1 }  # aigw:upstream
+"#;
+
+#[test]
+fn an_https_upstream_is_reached_with_tls_sni_and_its_host_name() {
+    let scratch = aigw_tests::harness::Scratch::new("tls").unwrap();
+    let cert = scratch.path().join("localhost.crt");
+    let key = scratch.path().join("localhost.key");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (installed by scripts/setup.sh)");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+
+    let mock = MockLlm::start().unwrap();
+    let terminator_yaml = TLS_TERMINATOR
+        .replace("CERT", &cert.display().to_string())
+        .replace("KEY", &key.display().to_string());
+    let terminator = Envoy::start_text(&terminator_yaml, mock.addr()).unwrap();
+    let gateway_yaml =
+        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let upstream = format!("https://localhost:{}", terminator.port);
+    let gateway = Envoy::start_with(&gateway_yaml, &upstream, Some(&cert)).unwrap();
+
+    for (consumer, body) in [
+        ("tls-json", chat(None)),
+        ("tls-stream", chat(Some(Value::Null))),
+    ] {
+        let headers = [
+            ("x-aigw-consumer", consumer),
+            ("authorization", "Bearer sk-test"),
+        ];
+        let resp = client::post(gateway.addr(), "/v1/chat/completions", &headers, &body).unwrap();
+        assert_eq!(resp.status, 200, "{consumer}: {}", resp.text());
+        let seen = mock.last_request().unwrap();
+        assert_eq!(
+            seen.header("host"),
+            Some("localhost"),
+            "{consumer}: the upstream's own host name"
+        );
+        assert_eq!(
+            seen.header("authorization"),
+            Some("Bearer sk-test"),
+            "{consumer}: the client's auth goes through"
+        );
+        assert_usage(
+            &gateway.log_line(consumer).unwrap(),
+            consumer,
+            (4, 5, Some(0), Some(0)),
+        );
+    }
+}

@@ -1,17 +1,27 @@
 //! `aigw-config`: prints an Envoy YAML from `envoy/` with its `# aigw:` lines
 //! filled in, for `scripts/run.sh`. The tests render through the same code.
 //!
-//! Usage: aigw-config <yaml> <port> <admin-port> <upstream-url> <access-log> <wasm-dir>
+//! Usage: aigw-config <yaml> <port> <admin-port> <upstream-url> <access-log> <wasm-dir> [<upstream-ca>]
 
 use aigw_tests::render::{render, Upstream, Values};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [yaml, port, admin_port, upstream, access_log, wasm_dir] = args.as_slice() else {
-        eprintln!(
-            "usage: aigw-config <yaml> <port> <admin-port> <upstream-url> <access-log> <wasm-dir>"
-        );
+    let (fixed, upstream_ca) = match args.len() {
+        6 => (&args[..], None),
+        7 => (
+            &args[..6],
+            Some(args[6].clone()).filter(|ca| !ca.is_empty()),
+        ),
+        _ => {
+            eprintln!(
+                "usage: aigw-config <yaml> <port> <admin-port> <upstream-url> <access-log> <wasm-dir> [<upstream-ca>]"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let [yaml, port, admin_port, upstream, access_log, wasm_dir] = fixed else {
         return ExitCode::from(2);
     };
     let result = (|| -> Result<String, String> {
@@ -28,6 +38,7 @@ fn main() -> ExitCode {
             upstream: Upstream::parse(upstream)?,
             access_log: access_log.clone(),
             wasm_dir: wasm_dir.clone(),
+            upstream_ca,
         };
         render(&text, &values)
     })();
