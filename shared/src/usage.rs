@@ -133,8 +133,10 @@ impl Observed {
     fn provider_usage(&self, family: Family, operation: Operation) -> Usage {
         let (input, cached) = match family {
             Family::Anthropic => (
-                self.prompt
-                    .map(|p| p + self.cache_creation.unwrap_or(0) + self.cache_read.unwrap_or(0)),
+                self.prompt.map(|p| {
+                    p.saturating_add(self.cache_creation.unwrap_or(0))
+                        .saturating_add(self.cache_read.unwrap_or(0))
+                }),
                 self.cache_read,
             ),
             Family::OpenAi | Family::Azure => (self.prompt, self.cached),
@@ -353,6 +355,21 @@ mod tests {
         for (i, (o, complete, ei, eo, want)) in cases.iter().enumerate() {
             assert_eq!(o.resolve(f, op, *complete, *ei, *eo), *want, "case {i}");
         }
+    }
+
+    #[test]
+    fn absurd_counts_saturate_instead_of_overflowing() {
+        let mut o = Observed::default();
+        let max = u64::MAX;
+        o.observe(
+            &wire(&format!(
+                r#"{{"input_tokens":{max},"cache_read_input_tokens":{max},"output_tokens":{max}}}"#
+            )),
+            true,
+        );
+        let u = o.resolve(Family::Anthropic, Operation::Messages, true, None, None);
+        assert_eq!(u.input_tokens, Some(max));
+        assert_eq!(u.total_tokens(), Some(max));
     }
 
     #[test]

@@ -718,3 +718,59 @@ fn rejects_bad_configuration_with_field_and_reason() {
     assert!(Meter::from_json(b"").is_ok());
     assert!(Meter::from_json(b"{}").is_ok());
 }
+
+/// Arbitrary bytes, cut anywhere, with a stream of events that look almost right.
+fn garbage() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..40),
+        Just(b"data: ".to_vec()),
+        Just(b"\n\n".to_vec()),
+        Just(b"\r".to_vec()),
+        Just(b"event: message_delta\n".to_vec()),
+        Just(br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":-1}}"#.to_vec()),
+        Just(br#"{"choices":[],"usage":null,"model":7}"#.to_vec()),
+        Just(br#"{"type":"response.completed","response":{"usage":{"input_tokens":"x"}}}"#.to_vec()),
+        Just(b"[DONE]".to_vec()),
+        Just(br#""usage":null,"#.to_vec()),
+        Just(b"\n\ndata: ".to_vec()),
+        Just(br#"{"type":"message_delta","usage":{"input_tokens":18446744073709551615,"cache_read_input_tokens":18446744073709551615,"output_tokens":18446744073709551615}}"#.to_vec()),
+    ];
+    proptest::collection::vec(piece, 0..30).prop_map(|p| p.concat())
+}
+
+proptest! {
+    #[test]
+    fn garbage_never_panics_and_passes_through(
+        body in garbage(),
+        request in garbage(),
+        cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..10),
+        sse in any::<bool>(),
+        complete in any::<bool>(),
+        path in prop_oneof![Just("/v1/chat/completions"), Just("/v1/messages"), Just("/v1/responses")],
+    ) {
+        let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(body.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut prev = 0;
+        for c in cuts.into_iter().chain([body.len()]) {
+            chunks.push(body[prev..c].to_vec());
+            prev = c;
+        }
+        let request = String::from_utf8_lossy(&request).into_owned();
+        let content_type = if sse { "text/event-stream" } else { "application/json" };
+        let r = run(&meter(""), Exchange {
+            path,
+            body: &request,
+            response_headers: vec![("content-type", content_type)],
+            chunks,
+            complete,
+            ..Exchange::default()
+        });
+        // Nothing was injected into a body that is not JSON, so nothing is rewritten.
+        if serde_json::from_str::<serde_json::Value>(&request).is_err() {
+            prop_assert_eq!(&r.client_body, &body);
+        }
+        let line = r.line();
+        prop_assert!(["provider", "estimated", "none"].contains(&line["usage_source"].as_str().unwrap()));
+    }
+}
