@@ -3,7 +3,7 @@
 //! Everything a decision needs from Envoy that is not in the request itself —
 //! the time, per-request filter state, metrics, VM-wide shared data — reaches
 //! the core through these traits. `host.rs` implements them over proxy-wasm
-//! (the only place, with the plugin shells, that names `proxy_wasm`); the
+//! (the only place, with the plugin shells, that names the proxy-wasm SDK); the
 //! in-memory fakes below implement them for unit tests, so the core is tested
 //! without a host and without scripting host calls one by one.
 

@@ -161,6 +161,16 @@ fn sse_headers() -> Vec<(&'static str, &'static str)> {
     vec![("content-type", "text/event-stream")]
 }
 
+/// A streaming chat request without stream_options, answered by `chunks`.
+fn streamed(chunks: Vec<Vec<u8>>) -> Exchange<'static> {
+    Exchange {
+        body: STREAM_BODY,
+        response_headers: sse_headers(),
+        chunks,
+        ..Exchange::default()
+    }
+}
+
 fn tokens(
     line: &serde_json::Value,
 ) -> (
@@ -285,15 +295,7 @@ fn a_stream_that_asked_for_usage_passes_unchanged() {
 
 #[test]
 fn injected_usage_is_metered_and_removed_from_the_client_stream() {
-    let r = run(
-        &meter(""),
-        Exchange {
-            body: STREAM_BODY,
-            response_headers: sse_headers(),
-            chunks: vec![chat_stream_with_usage()],
-            ..Exchange::default()
-        },
-    );
+    let r = run(&meter(""), streamed(vec![chat_stream_with_usage()]));
     let sent: serde_json::Value = serde_json::from_slice(&r.upstream_body).unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     assert_eq!(
@@ -315,12 +317,7 @@ fn injected_usage_is_metered_and_removed_from_the_client_stream() {
 fn without_holding_headers_the_length_is_dropped_up_front() {
     let r = run(
         &meter(r#"{"hold_request_headers":false}"#),
-        Exchange {
-            body: STREAM_BODY,
-            response_headers: sse_headers(),
-            chunks: vec![chat_stream_with_usage()],
-            ..Exchange::default()
-        },
+        streamed(vec![chat_stream_with_usage()]),
     );
     assert_eq!(r.request_edits.remove, vec!["content-length".to_string()]);
     assert!(r.request_edits.set.is_empty(), "{:?}", r.request_edits);
@@ -332,12 +329,7 @@ fn without_holding_headers_the_length_is_dropped_up_front() {
 fn injection_can_be_turned_off() {
     let r = run(
         &meter(r#"{"inject_stream_usage":false}"#),
-        Exchange {
-            body: STREAM_BODY,
-            response_headers: sse_headers(),
-            chunks: vec![chat_stream_plain()],
-            ..Exchange::default()
-        },
+        streamed(vec![chat_stream_plain()]),
     );
     assert_eq!(r.upstream_body, STREAM_BODY.as_bytes());
     assert_eq!(r.client_body, chat_stream_plain());
@@ -370,12 +362,7 @@ fn one_byte_chunks() {
     let stream = chat_stream_with_usage();
     let r = run(
         &meter(""),
-        Exchange {
-            body: STREAM_BODY,
-            response_headers: sse_headers(),
-            chunks: stream.chunks(1).map(<[u8]>::to_vec).collect(),
-            ..Exchange::default()
-        },
+        streamed(stream.chunks(1).map(<[u8]>::to_vec).collect()),
     );
     assert_eq!(r.client_body, chat_stream_plain());
     assert_eq!(tokens(&r.line()), counted(&[3, 2], "provider"));
