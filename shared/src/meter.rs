@@ -739,13 +739,9 @@ fn on_event(
     }
     match (&ev.usage, &ev.choices) {
         (Some(_), Some(c)) if c.is_empty() => EventUse::UsageOnly,
-        (None, Some(_)) if has_null_usage(data) => EventUse::NullUsage,
+        (None, Some(_)) if null_usage_span(data).is_some() => EventUse::NullUsage,
         _ => EventUse::Keep,
     }
-}
-
-fn has_null_usage(data: &[u8]) -> bool {
-    null_usage_span(data).is_some()
 }
 
 /// The byte range of a `"usage":null` member and one adjacent comma.

@@ -14,7 +14,8 @@
 use crate::boundary::{MetricKind, Metrics};
 use std::collections::HashMap;
 
-/// Labels cut out of stat names by the tag rules in `envoy/gateway.yaml`.
+/// Labels the filters put in stat names; every Envoy YAML under `envoy/` needs
+/// a `stats_tags` rule `(;label=([^;]*))` for each (a test checks).
 pub const LABELS: &[&str] = &["model", "consumer", "token_type", "usage_source"];
 
 /// The value a label takes when series are capped or the value is unknown.

@@ -29,17 +29,6 @@ impl Headers {
     }
 }
 
-impl<const N: usize> From<[(&str, &str); N]> for Headers {
-    fn from(pairs: [(&str, &str); N]) -> Self {
-        Headers::new(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        )
-    }
-}
-
 /// Header changes a stage asks for; the shell applies them in one go.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeaderEdits {
@@ -53,9 +42,6 @@ impl HeaderEdits {
     }
     pub fn remove(&mut self, name: &str) {
         self.remove.push(name.to_string());
-    }
-    pub fn is_empty(&self) -> bool {
-        self.set.is_empty() && self.remove.is_empty()
     }
 }
 

@@ -73,7 +73,6 @@ pub struct Envoy {
     pub admin_port: u16,
     pub access_log: PathBuf,
     log: PathBuf,
-    config: PathBuf,
     _scratch: Scratch,
 }
 
@@ -147,7 +146,6 @@ impl Envoy {
             admin_port,
             access_log,
             log,
-            config,
             _scratch: scratch,
         };
         envoy.wait_ready()?;
@@ -184,10 +182,6 @@ impl Envoy {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn config_text(&self) -> String {
-        std::fs::read_to_string(&self.config).unwrap_or_default()
     }
 
     /// GET on the admin port.

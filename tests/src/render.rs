@@ -6,8 +6,6 @@
 //! folder of the `.wasm` files). Marking those lines in the file keeps the
 //! substitution visible to the reader and exact for the code.
 
-use std::fmt;
-
 /// An upstream base URL (`https://api.openai.com`, `http://127.0.0.1:8000`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upstream {
@@ -50,13 +48,6 @@ impl Upstream {
             host: host.to_string(),
             port,
         })
-    }
-}
-
-impl fmt::Display for Upstream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tls { "https" } else { "http" };
-        write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
 

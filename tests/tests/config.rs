@@ -161,6 +161,34 @@ fn gateway_yaml_chains_the_filters_that_do_something() {
 }
 
 #[test]
+fn every_metric_label_has_a_tag_rule_in_every_envoy_yaml() {
+    for path in yaml_files() {
+        let doc: Yaml = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        if !is_envoy_bootstrap(&doc) {
+            continue;
+        }
+        let rules: Vec<(&str, &str)> = doc["stats_config"]["stats_tags"]
+            .as_sequence()
+            .map(|s| {
+                s.iter()
+                    .filter_map(|r| Some((r["tag_name"].as_str()?, r["regex"].as_str()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for label in aigw_shared::metrics::LABELS {
+            let want = format!("(;{label}=([^;]*))");
+            assert!(
+                rules
+                    .iter()
+                    .any(|(name, regex)| name == label && *regex == want),
+                "{}: no stats_tags rule `{want}` for label {label}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
 fn docker_compose_runs_the_same_gateway_yaml() {
     let compose = root().join("envoy/docker-compose.yaml");
     let doc: Yaml = serde_norway::from_str(&std::fs::read_to_string(&compose).unwrap()).unwrap();
