@@ -534,9 +534,9 @@ fn metrics_by_model_and_consumer() {
     // gpt-4o at $2.5 / $10 per 1M: 3 x (4 in, 3 out) = 30 + 90 micro-USD.
     assert_eq!(m("aigw_cost_microdollars_total", &a), Some(120.0));
 
-    // Histograms are merged when the admin endpoint is scraped; allow a second scrape.
+    // Histograms are merged on Envoy's 1 s stats flush; wait for it.
     let mut ttft = None;
-    for _ in 0..20 {
+    for _ in 0..50 {
         ttft = m(
             "gen_ai_server_time_to_first_token_ms_count",
             &[("model", "gpt-4o")],
