@@ -23,8 +23,8 @@
 //! | `aigw.access_log` | one JSON line | token-meter, in its log phase |
 
 use crate::boundary::FilterState;
-use crate::request::RequestFacts;
-use crate::usage::Usage;
+use crate::wire::request::RequestFacts;
+use crate::wire::usage::Usage;
 
 pub const CONSUMER: &str = "aigw.consumer";
 pub const REQUEST: &str = "aigw.request";
@@ -91,7 +91,7 @@ pub fn usage(state: &dyn FilterState) -> Option<Usage> {
 mod tests {
     use super::*;
     use crate::boundary::FakeFilterState;
-    use crate::usage::UsageSource;
+    use crate::wire::usage::UsageSource;
 
     #[test]
     fn facts_round_trip() {

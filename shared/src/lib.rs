@@ -5,19 +5,17 @@
 //! read from Envoy, call a [`stage::Stage`], and apply its answer. Only
 //! [`host`] (behind the `host` feature) names proxy-wasm.
 
-pub mod access_log;
-pub mod api;
-pub mod boundary;
-pub mod config;
-pub mod decode;
-pub mod facts;
+// The frame every filter runs in.
+pub mod boundary; // the host as traits (time, filter state, metrics, shared data), with fakes
+pub mod config; // parse, then compile; errors name the field
+pub mod facts; // per-request facts the filters share, one key each
 #[cfg(feature = "host")]
-pub mod host;
-pub mod json_scan;
-pub mod meter;
-pub mod metrics;
-pub mod price;
-pub mod request;
-pub mod sse;
-pub mod stage;
-pub mod usage;
+pub mod host; // the proxy-wasm adapter: the only code that names the SDK
+pub mod metrics; // metric names, labels, and the series bound
+pub mod stage; // the interface every filter's logic implements
+
+// What LLM APIs send.
+pub mod wire; // api, request, sse, json_scan, decode, usage
+
+// One folder per stage.
+pub mod meter; // token-meter: usage, prices, metrics, the access-log line

@@ -8,7 +8,7 @@
 //! never zero.
 
 use crate::config::ConfigError;
-use crate::usage::Usage;
+use crate::wire::usage::Usage;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -103,7 +103,7 @@ impl Prices {
 #[allow(clippy::type_complexity)] // tables of cases read best inline
 mod tests {
     use super::*;
-    use crate::usage::UsageSource;
+    use crate::wire::usage::UsageSource;
 
     fn table() -> Prices {
         let cfg: BTreeMap<String, PriceConfig> = serde_json::from_str(

@@ -16,18 +16,21 @@
 //! `usage.rs`), prices it, records the metrics, publishes the usage fact and
 //! composes the access-log line.
 
-use crate::access_log::Line;
-use crate::api::{self, Api, Family, Operation};
+pub mod access_log;
+pub mod price;
+
 use crate::config::{self, ConfigError};
-use crate::decode::Decoder;
 use crate::facts;
-use crate::json_scan::TopLevel;
 use crate::metrics::{self, Registry};
-use crate::price::{PriceConfig, Prices};
-use crate::request::{self, RequestFacts, TextLen};
-use crate::sse::{self, Item};
 use crate::stage::{Body, Env, Flow, HeaderEdits, Headers, LogInput, Stage};
-use crate::usage::{estimate_tokens, Observed, Usage, UsageSource, WireUsage};
+use crate::wire::api::{self, Api, Family, Operation};
+use crate::wire::decode::Decoder;
+use crate::wire::json_scan::TopLevel;
+use crate::wire::request::{self, RequestFacts, TextLen};
+use crate::wire::sse::{self, Item};
+use crate::wire::usage::{estimate_tokens, Observed, Usage, UsageSource, WireUsage};
+use access_log::Line;
+use price::{PriceConfig, Prices};
 use serde::Deserialize;
 use std::borrow::Cow;
 use std::cell::RefCell;

@@ -10,7 +10,7 @@
 //! into a [`Usage`] whose `source` says how far it can be trusted; an unknown
 //! count stays `None` and is never reported as zero.
 
-use crate::api::{Family, Operation};
+use crate::wire::api::{Family, Operation};
 use serde::{Deserialize, Serialize};
 
 /// How a usage record was obtained.
