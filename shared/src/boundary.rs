@@ -1,7 +1,8 @@
 //! The host as the core sees it: a handful of small traits.
 //!
 //! Everything a decision needs from Envoy that is not in the request itself —
-//! the time, per-request filter state, metrics, VM-wide shared data — reaches
+//! the time, per-request filter state and attributes, metrics, VM-wide shared
+//! data, HTTP and gRPC callouts — reaches
 //! the core through these traits. `host.rs` implements them over proxy-wasm
 //! (the only place, with the plugin shells, that names the proxy-wasm SDK); the
 //! in-memory fakes below implement them for unit tests, so the core is tested
@@ -20,6 +21,11 @@ pub trait Clock {
 pub trait FilterState {
     fn get(&self, key: &str) -> Option<Vec<u8>>;
     fn set(&mut self, key: &str, value: &[u8]);
+    /// An attribute of the request Envoy knows (`["source", "address"]`,
+    /// `["request", "id"]`), as Envoy encodes it.
+    fn attribute(&self, _path: &[&str]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// The kinds of metric the host can keep.
@@ -55,6 +61,103 @@ pub trait SharedData {
     fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasError>;
 }
 
+/// An HTTP callout to a cluster Envoy knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpCall {
+    pub cluster: String,
+    /// Request headers, pseudo-headers included (`:method`, `:path`, `:authority`).
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+/// A unary gRPC callout (`service`/`method`) to a cluster Envoy knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GrpcCall {
+    pub cluster: String,
+    pub service: String,
+    pub method: String,
+    pub metadata: Vec<(String, Vec<u8>)>,
+    /// The serialised request message.
+    pub message: Vec<u8>,
+    pub timeout_ms: u64,
+}
+
+/// A callout the host would not send (unknown cluster, bad arguments).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CalloutError(pub String);
+
+/// HTTP and gRPC callouts. A callout made while a request waits is answered
+/// through `Stage::on_callout` with its token; a detached one outlives the
+/// request (a cache store, a usage report) and its answer is dropped.
+pub trait Callouts {
+    fn http(&mut self, call: &HttpCall) -> Result<u32, CalloutError>;
+    fn grpc(&mut self, call: &GrpcCall) -> Result<u32, CalloutError>;
+    fn http_detached(&mut self, call: &HttpCall) -> Result<(), CalloutError>;
+    fn grpc_detached(&mut self, call: &GrpcCall) -> Result<(), CalloutError>;
+}
+
+/// A callout the fake recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Sent {
+    Http(HttpCall),
+    Grpc(GrpcCall),
+}
+
+/// Callouts recorded in order, with the tokens handed out; detached ones
+/// have no token. A test answers them by calling the stage's `on_callout`
+/// (or lets `exchange` do it).
+#[derive(Debug, Default)]
+pub struct FakeCallouts {
+    pub sent: Vec<(Option<u32>, Sent)>,
+    /// When set, every callout is refused with this error.
+    pub refuse: Option<String>,
+    next: u32,
+}
+
+impl FakeCallouts {
+    fn record(&mut self, sent: Sent, detached: bool) -> Result<Option<u32>, CalloutError> {
+        if let Some(why) = &self.refuse {
+            return Err(CalloutError(why.clone()));
+        }
+        let token = (!detached).then(|| {
+            self.next += 1;
+            self.next
+        });
+        self.sent.push((token, sent));
+        Ok(token)
+    }
+
+    /// The callouts sent with a token and not yet taken.
+    pub fn take_waiting(&mut self) -> Vec<(u32, Sent)> {
+        let (waiting, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sent)
+            .into_iter()
+            .partition(|(t, _)| t.is_some());
+        self.sent = rest;
+        waiting
+            .into_iter()
+            .filter_map(|(t, s)| Some((t?, s)))
+            .collect()
+    }
+}
+
+impl Callouts for FakeCallouts {
+    fn http(&mut self, call: &HttpCall) -> Result<u32, CalloutError> {
+        let t = self.record(Sent::Http(call.clone()), false)?;
+        t.ok_or_else(|| CalloutError("no token".into()))
+    }
+    fn grpc(&mut self, call: &GrpcCall) -> Result<u32, CalloutError> {
+        let t = self.record(Sent::Grpc(call.clone()), false)?;
+        t.ok_or_else(|| CalloutError("no token".into()))
+    }
+    fn http_detached(&mut self, call: &HttpCall) -> Result<(), CalloutError> {
+        self.record(Sent::Http(call.clone()), true).map(|_| ())
+    }
+    fn grpc_detached(&mut self, call: &GrpcCall) -> Result<(), CalloutError> {
+        self.record(Sent::Grpc(call.clone()), true).map(|_| ())
+    }
+}
+
 /// A clock whose time the test sets.
 #[derive(Debug, Default)]
 pub struct FakeClock {
@@ -78,10 +181,14 @@ impl Clock for FakeClock {
     }
 }
 
-/// Filter state in a map.
+/// Filter state in a map, with attributes in another. Like Envoy's, a fact
+/// once written is read-only: a second write of the same key is refused (and
+/// counted in `refused`), so a test shows which filter writes a fact.
 #[derive(Debug, Default, Clone)]
 pub struct FakeFilterState {
     pub values: HashMap<String, Vec<u8>>,
+    pub attributes: HashMap<String, Vec<u8>>,
+    pub refused: Vec<String>,
 }
 
 impl FakeFilterState {
@@ -95,14 +202,30 @@ impl FakeFilterState {
             .get(key)
             .and_then(|v| std::str::from_utf8(v).ok())
     }
+    /// An attribute, by its path joined with `.` (`source.address`).
+    pub fn with_attribute(mut self, path: &str, value: &[u8]) -> Self {
+        self.attributes.insert(path.to_string(), value.to_vec());
+        self
+    }
 }
+
+/// Keys whose value may be written more than once (Envoy's `declare_property`
+/// makes them mutable; the shells declare these).
+pub const MUTABLE_KEYS: &[&str] = &[];
 
 impl FilterState for FakeFilterState {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
         self.values.get(key).cloned()
     }
     fn set(&mut self, key: &str, value: &[u8]) {
+        if self.values.contains_key(key) && !MUTABLE_KEYS.contains(&key) {
+            self.refused.push(key.to_string());
+            return;
+        }
         self.values.insert(key.to_string(), value.to_vec());
+    }
+    fn attribute(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.attributes.get(&path.join(".")).cloned()
     }
 }
 

@@ -1,18 +1,29 @@
 //! The proxy-wasm host: the one place in the core that names `proxy_wasm`.
 //!
-//! It implements the boundary traits over host calls and provides
-//! [`StageHttp`], the HTTP context that runs a [`Stage`]: it reads from the
-//! host (all headers in one call, a body only when the stage asked for it),
-//! hands plain data to the stage, and applies what the stage answers. It has
-//! no logic of its own beyond that translation, so the plugin crates are a
-//! root context that compiles its configuration and nothing more.
+//! It implements the boundary traits over host calls and provides the two
+//! contexts every filter needs: [`StageRoot`], which compiles a [`Filter`]'s
+//! configuration and runs its timer, and [`StageHttp`], which runs one
+//! [`Stage`] per request. `StageHttp` reads from the host (all headers in one
+//! call, a body only when the stage asked for it), hands plain data to the
+//! stage, and applies what the stage answers: header and body changes in one
+//! go, a local reply, a pause until a callout's answer. It has no logic of its
+//! own beyond that translation, so a plugin crate is one line:
+//! [`plugin!`](crate::plugin).
 
-use crate::boundary::{CasError, Clock, FilterState, MetricKind, Metrics, SharedData};
-use crate::stage::{Body, Env, Flow, HeaderEdits, Headers, LogInput, Stage};
+use crate::boundary::{
+    CalloutError, Callouts, CasError, Clock, FilterState, GrpcCall, HttpCall, MetricKind, Metrics,
+    SharedData,
+};
+use crate::stage::{
+    CalloutResponse, Chunk, Edit, Env, Filter, Headers, LogInput, Reply, RequestBody, RootEnv,
+    Stage, Step,
+};
 use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext};
-use proxy_wasm::types::{Action, LogLevel, MapType, MetricType, Status};
-use std::time::UNIX_EPOCH;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
 
 pub struct HostClock;
 
@@ -25,7 +36,7 @@ impl Clock for HostClock {
     }
 }
 
-/// Filter state of the current request (`wasm.<key>` in Envoy).
+/// Filter state of the current request (`wasm.<key>` in Envoy), and its attributes.
 pub struct HostFilterState;
 
 impl FilterState for HostFilterState {
@@ -36,6 +47,9 @@ impl FilterState for HostFilterState {
         if hostcalls::set_property(vec![key], Some(value)).is_err() {
             log(LogLevel::Warn, &format!("could not set filter state {key}"));
         }
+    }
+    fn attribute(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
     }
 }
 
@@ -50,7 +64,9 @@ impl Metrics for HostMetrics {
         hostcalls::define_metric(kind, name).ok()
     }
     fn add(&mut self, id: u32, value: u64) {
-        let _ = hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX));
+        if value > 0 {
+            let _ = hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX));
+        }
     }
     fn record(&mut self, id: u32, value: u64) {
         let _ = hostcalls::record_metric(id, value);
@@ -73,6 +89,81 @@ impl SharedData for HostSharedData {
             Err(Status::CasMismatch) => Err(CasError::Mismatch),
             Err(_) => Err(CasError::Failed),
         }
+    }
+}
+
+thread_local! {
+    /// The root context of this VM: detached callouts are made on its behalf,
+    /// since Envoy cancels a request's callouts when the request ends.
+    static ROOT_CONTEXT: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Callouts on behalf of a context (an HTTP context, or the root).
+pub struct HostCallouts {
+    context_id: u32,
+}
+
+fn pairs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+    v.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+fn dispatch_http(call: &HttpCall) -> Result<u32, CalloutError> {
+    hostcalls::dispatch_http_call(
+        &call.cluster,
+        pairs(&call.headers),
+        (!call.body.is_empty()).then_some(call.body.as_slice()),
+        vec![],
+        Duration::from_millis(call.timeout_ms),
+    )
+    .map_err(|s| CalloutError(format!("http callout to {} refused: {s:?}", call.cluster)))
+}
+
+fn dispatch_grpc(call: &GrpcCall) -> Result<u32, CalloutError> {
+    let metadata: Vec<(&str, &[u8])> = call
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    hostcalls::dispatch_grpc_call(
+        &call.cluster,
+        &call.service,
+        &call.method,
+        metadata,
+        Some(&call.message),
+        Duration::from_millis(call.timeout_ms),
+    )
+    .map_err(|s| CalloutError(format!("grpc callout to {} refused: {s:?}", call.cluster)))
+}
+
+impl HostCallouts {
+    /// Runs `f` with the root as the effective context, so the callout it
+    /// makes belongs to the root and is not cancelled when the request ends.
+    /// Its answer is routed back to this context if it still exists, which
+    /// ignores tokens it does not wait for.
+    fn as_root<T>(&self, f: impl FnOnce() -> T) -> T {
+        let root = ROOT_CONTEXT.with(Cell::get);
+        let switched =
+            root != 0 && root != self.context_id && hostcalls::set_effective_context(root).is_ok();
+        let out = f();
+        if switched {
+            let _ = hostcalls::set_effective_context(self.context_id);
+        }
+        out
+    }
+}
+
+impl Callouts for HostCallouts {
+    fn http(&mut self, call: &HttpCall) -> Result<u32, CalloutError> {
+        dispatch_http(call)
+    }
+    fn grpc(&mut self, call: &GrpcCall) -> Result<u32, CalloutError> {
+        dispatch_grpc(call)
+    }
+    fn http_detached(&mut self, call: &HttpCall) -> Result<(), CalloutError> {
+        self.as_root(|| dispatch_http(call)).map(|_| ())
+    }
+    fn grpc_detached(&mut self, call: &GrpcCall) -> Result<(), CalloutError> {
+        self.as_root(|| dispatch_grpc(call)).map(|_| ())
     }
 }
 
@@ -102,78 +193,463 @@ fn text_property(path: Vec<&str>) -> Option<String> {
     String::from_utf8(bytes).ok().filter(|s| !s.is_empty())
 }
 
+fn apply(map: MapType, edits: Vec<Edit>) {
+    for edit in edits {
+        let _ = match edit {
+            Edit::Set(name, value) => hostcalls::set_map_value(map, &name, Some(&value)),
+            Edit::Remove(name) => hostcalls::set_map_value(map, &name, None),
+        };
+    }
+}
+
+fn send_reply(reply: &Reply) {
+    let headers = pairs(&reply.headers);
+    if let Err(e) =
+        hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body))
+    {
+        log(
+            LogLevel::Error,
+            &format!("could not send a local reply: {e:?}"),
+        );
+    }
+}
+
+/// The root context of a filter: compiles the configuration (refusing a bad
+/// one, which makes Envoy reject it) and runs the filter's timer.
+pub struct StageRoot<F: Filter> {
+    filter: Option<Rc<F>>,
+}
+
+impl<F: Filter> StageRoot<F> {
+    pub fn new(context_id: u32) -> Self {
+        ROOT_CONTEXT.with(|r| r.set(context_id));
+        StageRoot { filter: None }
+    }
+}
+
+impl<F: Filter> Context for StageRoot<F> {}
+
+impl<F: Filter> RootContext for StageRoot<F> {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        match F::from_config(&config) {
+            Ok(filter) => {
+                if let Some(ms) = filter.tick_ms() {
+                    let _ = hostcalls::set_tick_period(Duration::from_millis(ms));
+                }
+                self.filter = Some(Rc::new(filter));
+                true
+            }
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("{}: invalid configuration: {e}", F::NAME),
+                );
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(f) = &self.filter {
+            let root = ROOT_CONTEXT.with(Cell::get);
+            let mut env = RootEnv {
+                clock: &HostClock,
+                metrics: &mut HostMetrics,
+                shared: &mut HostSharedData,
+                callouts: &mut HostCallouts { context_id: root },
+            };
+            f.tick(&mut env);
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // Envoy creates no stream before a configuration loads; if it ever
+        // did, passing the request through beats trapping the VM.
+        Some(match &self.filter {
+            Some(f) => Box::new(StageHttp::new(F::stage(f), context_id)),
+            None => Box::new(Idle),
+        })
+    }
+}
+
+/// Where a paused request waits for its callouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiting {
+    RequestHeaders,
+    RequestBody,
+    ResponseHeaders,
+}
+
 /// An HTTP context that runs one stage.
 pub struct StageHttp<S: Stage> {
     stage: S,
+    context_id: u32,
+    request_headers: Option<Headers>,
+    response_headers: Option<Headers>,
+    request_headers_held: bool,
+    response_headers_held: bool,
     reading_request_body: bool,
-    clock: HostClock,
-    state: HostFilterState,
-    metrics: HostMetrics,
-}
-
-impl<S: Stage> StageHttp<S> {
-    pub fn new(stage: S) -> Self {
-        StageHttp {
-            stage,
-            reading_request_body: false,
-            clock: HostClock,
-            state: HostFilterState,
-            metrics: HostMetrics,
-        }
-    }
+    reading_response_body: bool,
+    waiting: Option<Waiting>,
+    pending: Vec<u32>,
+    /// The stage answered the request itself: its own reply is not its to read.
+    replied: bool,
+    /// Output of the last response callback, kept in Envoy's buffer (paused)
+    /// because the stage still held bytes then.
+    paused_output: Option<Vec<u8>>,
 }
 
 macro_rules! env {
     ($self:ident) => {
-        Env {
-            clock: &$self.clock,
-            state: &mut $self.state,
-            metrics: &mut $self.metrics,
+        &mut Env {
+            clock: &HostClock,
+            state: &mut HostFilterState,
+            metrics: &mut HostMetrics,
+            shared: &mut HostSharedData,
+            callouts: &mut HostCallouts {
+                context_id: $self.context_id,
+            },
         }
     };
 }
 
-fn apply(map: MapType, edits: &HeaderEdits) {
-    for name in &edits.remove {
-        let _ = hostcalls::set_map_value(map, name, None);
+impl<S: Stage> StageHttp<S> {
+    pub fn new(stage: S, context_id: u32) -> Self {
+        StageHttp {
+            stage,
+            context_id,
+            request_headers: None,
+            response_headers: None,
+            request_headers_held: false,
+            response_headers_held: false,
+            reading_request_body: false,
+            reading_response_body: false,
+            waiting: None,
+            pending: Vec::new(),
+            replied: false,
+            paused_output: None,
+        }
     }
-    for (name, value) in &edits.set {
-        let _ = hostcalls::set_map_value(map, name, Some(value));
+
+    /// Tokens of the callouts dispatched during the last step, which the
+    /// stage now waits for. The SDK hands them out in order; the host calls
+    /// record them here through `on_callout_dispatched`.
+    fn wait(&mut self, at: Waiting, tokens: Vec<u32>) -> Action {
+        if tokens.is_empty() {
+            log(
+                LogLevel::Error,
+                "a stage waits without a callout in flight; going on",
+            );
+            return Action::Continue;
+        }
+        self.pending = tokens;
+        self.waiting = Some(at);
+        Action::Pause
     }
-}
 
-impl<S: Stage> Context for StageHttp<S> {}
+    fn reply(&mut self, reply: &Reply) -> Action {
+        self.replied = true;
+        send_reply(reply);
+        Action::Pause
+    }
 
-impl<S: Stage> HttpContext for StageHttp<S> {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let headers = Headers::new(self.get_http_request_headers());
-        let mut edits = HeaderEdits::default();
-        let flow = self
-            .stage
-            .request_headers(&mut env!(self), &headers, &mut edits, end_of_stream);
-        apply(MapType::HttpRequestHeaders, &edits);
-        match flow {
-            Flow::Continue => Action::Continue,
-            Flow::ReadBody { hold_headers } => {
-                self.reading_request_body = true;
-                // Holding headers needs `allow_on_headers_stop_iteration: true`
-                // in the filter config; without it Envoy stops the whole
-                // request and the body callback never runs.
+    fn write_request_body(&mut self, size: usize, body: &RequestBody) {
+        if !body.is_changed() {
+            return;
+        }
+        let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, size, body.bytes());
+        if self.request_headers_held {
+            if let Some(h) = &mut self.request_headers {
+                // The body changed length: a stale Content-Length would cut it upstream.
+                h.set("content-length", body.bytes().len().to_string());
+            }
+        }
+    }
+
+    fn flush_request_headers(&mut self) {
+        if let Some(h) = &mut self.request_headers {
+            apply(MapType::HttpRequestHeaders, h.take_edits());
+        }
+    }
+
+    fn flush_response_headers(&mut self) {
+        if let Some(h) = &mut self.response_headers {
+            apply(MapType::HttpResponseHeaders, h.take_edits());
+        }
+    }
+
+    /// Runs `request_body` and applies what it says.
+    fn run_request_body(&mut self, mut body: RequestBody, size: usize) -> Action {
+        let mut headers = self.request_headers.take().unwrap_or_default();
+        let mut tokens = Vec::new();
+        let step = {
+            let mut calls = Recording::new(self.context_id, &mut tokens);
+            let env = &mut Env {
+                clock: &HostClock,
+                state: &mut HostFilterState,
+                metrics: &mut HostMetrics,
+                shared: &mut HostSharedData,
+                callouts: &mut calls,
+            };
+            self.stage.request_body(env, &mut body, &mut headers)
+        };
+        self.request_headers = Some(headers);
+        self.write_request_body(size, &body);
+        self.flush_request_headers();
+        match step {
+            Step::Reply(r) => self.reply(&r),
+            Step::Wait => self.wait(Waiting::RequestBody, tokens),
+            Step::Continue | Step::ReadBody { .. } => Action::Continue,
+        }
+    }
+
+    fn response_headers_step(
+        &mut self,
+        step: Step,
+        tokens: Vec<u32>,
+        end_of_stream: bool,
+    ) -> Action {
+        match step {
+            Step::Continue => {
+                self.response_headers_held = false;
+                if end_of_stream {
+                    self.stage
+                        .response_body(env!(self), &mut Chunk::default(), true);
+                }
+                Action::Continue
+            }
+            Step::ReadBody { hold_headers } => {
+                self.response_headers_held = hold_headers;
+                self.reading_response_body = true;
+                if end_of_stream {
+                    self.stage
+                        .response_body(env!(self), &mut Chunk::default(), true);
+                    self.reading_response_body = false;
+                    return Action::Continue;
+                }
                 if hold_headers {
                     Action::Pause
                 } else {
                     Action::Continue
                 }
             }
+            Step::Reply(r) => self.reply(&r),
+            Step::Wait => self.wait(Waiting::ResponseHeaders, tokens),
+        }
+    }
+
+    fn answer(&mut self, token: u32, response: CalloutResponse) {
+        let Some(at) = self.waiting else {
+            return;
+        };
+        if !self.pending.contains(&token) {
+            return;
+        }
+        self.pending.retain(|t| *t != token);
+        let mut headers = match at {
+            Waiting::ResponseHeaders => self.response_headers.take(),
+            _ => self.request_headers.take(),
+        }
+        .unwrap_or_default();
+        let mut tokens = Vec::new();
+        let step = {
+            let mut calls = Recording::new(self.context_id, &mut tokens);
+            let env = &mut Env {
+                clock: &HostClock,
+                state: &mut HostFilterState,
+                metrics: &mut HostMetrics,
+                shared: &mut HostSharedData,
+                callouts: &mut calls,
+            };
+            self.stage.on_callout(env, token, &response, &mut headers)
+        };
+        self.pending.extend(tokens);
+        match at {
+            Waiting::ResponseHeaders => {
+                self.response_headers = Some(headers);
+                self.flush_response_headers();
+            }
+            _ => {
+                self.request_headers = Some(headers);
+                self.flush_request_headers();
+            }
+        }
+        let resume = |at: Waiting| {
+            let _ = match at {
+                Waiting::ResponseHeaders => hostcalls::resume_http_response(),
+                _ => hostcalls::resume_http_request(),
+            };
+        };
+        match step {
+            Step::Wait if !self.pending.is_empty() => {}
+            Step::Reply(r) => {
+                self.waiting = None;
+                self.reply(&r);
+            }
+            Step::ReadBody { hold_headers } if at == Waiting::RequestHeaders => {
+                self.waiting = None;
+                self.reading_request_body = true;
+                self.request_headers_held = hold_headers;
+                if !hold_headers {
+                    resume(at);
+                }
+            }
+            _ => {
+                self.waiting = None;
+                if at == Waiting::ResponseHeaders {
+                    self.response_headers_held = false;
+                }
+                resume(at);
+            }
+        }
+    }
+}
+
+/// Callouts that also note the tokens they were given, so the context knows
+/// what it waits for.
+struct Recording<'a> {
+    inner: HostCallouts,
+    tokens: &'a mut Vec<u32>,
+}
+
+impl<'a> Recording<'a> {
+    fn new(context_id: u32, tokens: &'a mut Vec<u32>) -> Self {
+        Recording {
+            inner: HostCallouts { context_id },
+            tokens,
+        }
+    }
+}
+
+impl Callouts for Recording<'_> {
+    fn http(&mut self, call: &HttpCall) -> Result<u32, CalloutError> {
+        let t = self.inner.http(call)?;
+        self.tokens.push(t);
+        Ok(t)
+    }
+    fn grpc(&mut self, call: &GrpcCall) -> Result<u32, CalloutError> {
+        let t = self.inner.grpc(call)?;
+        self.tokens.push(t);
+        Ok(t)
+    }
+    fn http_detached(&mut self, call: &HttpCall) -> Result<(), CalloutError> {
+        self.inner.http_detached(call)
+    }
+    fn grpc_detached(&mut self, call: &GrpcCall) -> Result<(), CalloutError> {
+        self.inner.grpc_detached(call)
+    }
+}
+
+impl<S: Stage> Context for StageHttp<S> {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let response = if num_headers == 0 {
+            CalloutResponse::Failed
+        } else {
+            let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+            let status = headers
+                .iter()
+                .find(|(k, _)| k == ":status")
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0);
+            let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            CalloutResponse::Http {
+                status,
+                headers,
+                body,
+            }
+        };
+        self.answer(token, response);
+    }
+
+    fn on_grpc_call_response(&mut self, token: u32, status_code: u32, response_size: usize) {
+        let message = if status_code == 0 {
+            hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        self.answer(
+            token,
+            CalloutResponse::Grpc {
+                status: status_code,
+                message,
+            },
+        );
+    }
+}
+
+impl<S: Stage> HttpContext for StageHttp<S> {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let mut headers =
+            Headers::new(hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default());
+        let mut tokens = Vec::new();
+        let step = {
+            let mut calls = Recording::new(self.context_id, &mut tokens);
+            let env = &mut Env {
+                clock: &HostClock,
+                state: &mut HostFilterState,
+                metrics: &mut HostMetrics,
+                shared: &mut HostSharedData,
+                callouts: &mut calls,
+            };
+            self.stage.request_headers(env, &mut headers, end_of_stream)
+        };
+        self.request_headers = Some(headers);
+        self.flush_request_headers();
+        match step {
+            Step::Continue => Action::Continue,
+            Step::ReadBody { hold_headers } => {
+                if end_of_stream {
+                    // No body will come: the stage reads an empty one now.
+                    self.request_headers_held = true;
+                    let action = self.run_request_body(RequestBody::new(Vec::new()), 0);
+                    self.request_headers_held = false;
+                    return action;
+                }
+                self.reading_request_body = true;
+                // Holding headers needs `allow_on_headers_stop_iteration: true`
+                // in the filter config; without it Envoy stops the whole
+                // request and the body callback never runs.
+                self.request_headers_held = hold_headers;
+                if hold_headers {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
+            Step::Reply(r) => self.reply(&r),
+            Step::Wait => self.wait(Waiting::RequestHeaders, tokens),
         }
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.waiting.is_some() {
+            // Envoy buffers what arrives while a callout is out.
+            return Action::Pause;
+        }
         if !self.reading_request_body {
             return Action::Continue;
         }
-        let limit = self.stage.max_request_body();
-        let truncated = body_size > limit;
+        let truncated = body_size > self.stage.max_body();
         if !end_of_stream && !truncated {
             // Pause in a body callback is StopIterationAndBuffer: Envoy keeps
             // the pieces and calls again with all of them.
@@ -182,54 +658,158 @@ impl<S: Stage> HttpContext for StageHttp<S> {
         self.reading_request_body = false;
         // A body past the limit is not read at all: the stage only learns it was there.
         let body = if truncated {
-            Vec::new()
+            RequestBody::truncated()
         } else {
-            self.get_http_request_body(0, body_size).unwrap_or_default()
+            RequestBody::new(
+                hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            )
         };
-        let mut edits = HeaderEdits::default();
-        let out = self
-            .stage
-            .request_body(&mut env!(self), &body, truncated, &mut edits);
-        if let Body::Replace(new) = out {
-            self.set_http_request_body(0, body_size, &new);
-        }
-        apply(MapType::HttpRequestHeaders, &edits);
-        Action::Continue
+        let action = self.run_request_body(body, body_size);
+        self.request_headers_held = false;
+        action
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let headers = Headers::new(self.get_http_response_headers());
-        let mut edits = HeaderEdits::default();
-        self.stage
-            .response_headers(&mut env!(self), &headers, &mut edits);
-        apply(MapType::HttpResponseHeaders, &edits);
-        if end_of_stream {
-            self.stage.response_chunk(&mut env!(self), &[], true);
+        if self.replied {
+            return Action::Continue;
         }
-        Action::Continue
+        let mut headers =
+            Headers::new(hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default());
+        let mut tokens = Vec::new();
+        let step = {
+            let mut calls = Recording::new(self.context_id, &mut tokens);
+            let env = &mut Env {
+                clock: &HostClock,
+                state: &mut HostFilterState,
+                metrics: &mut HostMetrics,
+                shared: &mut HostSharedData,
+                callouts: &mut calls,
+            };
+            self.stage
+                .response_headers(env, &mut headers, end_of_stream)
+        };
+        self.response_headers = Some(headers);
+        self.flush_response_headers();
+        self.response_headers_step(step, tokens, end_of_stream)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let chunk = if body_size > 0 && self.stage.wants_response_body() {
-            self.get_http_response_body(0, body_size)
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        if let Body::Replace(new) =
+        if self.replied {
+            return Action::Continue;
+        }
+        if self.waiting.is_some() {
+            return Action::Pause;
+        }
+        if self.reading_response_body {
+            let truncated = body_size > self.stage.max_body();
+            if !end_of_stream && !truncated {
+                return Action::Pause;
+            }
+            self.reading_response_body = false;
+            let mut chunk = if truncated {
+                Chunk::truncated()
+            } else {
+                Chunk::new(
+                    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default(),
+                )
+            };
             self.stage
-                .response_chunk(&mut env!(self), &chunk, end_of_stream)
-        {
-            self.set_http_response_body(0, body_size, &new);
+                .response_body(env!(self), &mut chunk, end_of_stream);
+            if chunk.is_changed() {
+                let _ = hostcalls::set_buffer(
+                    BufferType::HttpResponseBody,
+                    0,
+                    body_size,
+                    chunk.bytes(),
+                );
+                if self.response_headers_held {
+                    if let Some(h) = &mut self.response_headers {
+                        h.set("content-length", chunk.bytes().len().to_string());
+                    }
+                }
+            }
+            self.flush_response_headers();
+            self.response_headers_held = false;
+            return Action::Continue;
+        }
+
+        // Streaming. After a pause the buffer starts with what was already
+        // decided; only the rest is new.
+        let kept = self.paused_output.take();
+        let offset = kept.as_ref().map_or(0, Vec::len).min(body_size);
+        let new_len = body_size - offset;
+        let wants = self.stage.wants_response_body();
+        let mut chunk = if new_len > 0 && wants {
+            Chunk::new(
+                hostcalls::get_buffer(BufferType::HttpResponseBody, offset, new_len)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            )
+        } else {
+            Chunk::default()
+        };
+        self.stage
+            .response_body(env!(self), &mut chunk, end_of_stream);
+        let changed = chunk.is_changed();
+        let hold = !end_of_stream && wants && offset == 0 && self.stage.holding();
+        if !changed && !hold {
+            // The common case: nothing to write, nothing to keep.
+            return Action::Continue;
+        }
+        let out = match kept {
+            Some(mut kept) => {
+                kept.extend_from_slice(chunk.bytes());
+                kept
+            }
+            None => chunk.into_bytes(),
+        };
+        if changed {
+            let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, &out);
+        }
+        // The stage still holds bytes: keep this piece in Envoy's buffer for
+        // one callback, so that trailers (after which no body callback comes)
+        // find a buffer to flush into. Never twice in a row, so a stream
+        // whose pieces never end on an event boundary is delayed by at most
+        // one piece.
+        if hold {
+            self.paused_output = Some(out);
+            return Action::Pause;
         }
         Action::Continue
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.replied || self.reading_response_body {
+            return Action::Continue;
+        }
         // A response that ends with trailers never has an end-of-stream body
-        // callback; it is complete all the same. Nothing can be added to the
-        // body from here, so a rewrite has nothing left to flush.
-        self.stage.response_chunk(&mut env!(self), &[], true);
+        // callback; it is complete all the same. What the stage still holds
+        // goes into the buffer it paused on.
+        let mut chunk = Chunk::default();
+        self.stage.response_body(env!(self), &mut chunk, true);
+        if chunk.is_changed() {
+            match self.paused_output.take() {
+                Some(mut out) => {
+                    let size = out.len();
+                    out.extend_from_slice(chunk.bytes());
+                    let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, size, &out);
+                }
+                None => log(
+                    LogLevel::Warn,
+                    &format!(
+                        "{} held response bytes lost to trailers",
+                        chunk.bytes().len()
+                    ),
+                ),
+            }
+        }
         Action::Continue
     }
 
@@ -243,7 +823,7 @@ impl<S: Stage> HttpContext for StageHttp<S> {
                 .and_then(|ns| u64::try_from(ns / 1_000_000).ok()),
             route_name: text_property(vec!["xds", "route_name"]),
         };
-        self.stage.log(&mut env!(self), &input);
+        self.stage.log(env!(self), &input);
     }
 }
 
@@ -254,8 +834,24 @@ pub struct Idle;
 impl Context for Idle {}
 impl HttpContext for Idle {}
 
+/// The whole of a plugin crate: `aigw_shared::plugin!(aigw_shared::meter::Meter);`
+/// makes the wasm module run that [`Filter`] (configuration, timer, one stage
+/// per request).
+#[macro_export]
+macro_rules! plugin {
+    ($filter:ty) => {
+        proxy_wasm::main! {{
+            $crate::host::init();
+            proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
+                Box::new($crate::host::StageRoot::<$filter>::new(context_id))
+            });
+        }}
+    };
+}
+
 /// The whole shell of a filter that is not built yet: it accepts only an
-/// empty configuration and passes every request through untouched.
+/// empty configuration and passes every request through untouched, without
+/// copying a header into the VM.
 #[macro_export]
 macro_rules! passthrough_plugin {
     ($name:literal) => {

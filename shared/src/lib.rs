@@ -8,6 +8,7 @@
 // The frame every filter runs in.
 pub mod boundary; // the host as traits (time, filter state, metrics, shared data), with fakes
 pub mod config; // parse, then compile; errors name the field
+pub mod exchange; // runs a stage through a request over the fakes, for unit tests
 pub mod facts; // per-request facts the filters share, one key each
 #[cfg(feature = "host")]
 pub mod host; // the proxy-wasm adapter: the only code that names the SDK

@@ -1,68 +1,267 @@
 //! The one interface every filter's logic has: a stage.
 //!
 //! A stage sees a request the way Envoy shows it to a filter (request
-//! headers, request body, response headers, response body chunks, the log
-//! phase) but as plain data, and answers with data: continue, read the body
-//! first, replace these bytes, set these headers. A plugin shell translates
-//! host callbacks into these calls and applies the answers; because every
-//! filter has the same shape, one shell can also run several stages in one VM
-//! with one context per request (the bundle DESIGN.md describes), sharing
-//! facts in memory instead of through filter state.
+//! headers, request body, response headers, response body, the log phase) but
+//! as plain data, and answers each step with a [`Step`]: go on, read the
+//! whole body first, answer the request here ([`Reply`]: a 429, a cache hit,
+//! a block), or wait for a callout it dispatched through [`Env::callouts`]
+//! (a rate limit service, a cache tier, a moderation API), whose answer comes
+//! back through [`Stage::on_callout`]. Header and body changes are made on the
+//! data itself ([`Headers::set`], [`RequestBody::replace`], [`Chunk::set`]);
+//! the shell applies them in one go.
+//!
+//! Because every filter has this shape, a plugin shell is the same few lines
+//! for each, [`exchange`](crate::exchange) runs any stage through a request in
+//! unit tests, and one shell can run several stages in one VM with one
+//! context per request (the bundle DESIGN.md describes), sharing facts in
+//! memory instead of through filter state. VM-wide work (flushing counters,
+//! housekeeping) runs on a timer tick through [`Filter::tick`].
 
-use crate::boundary::{Clock, FilterState, Metrics};
+use crate::boundary::{Callouts, Clock, FilterState, Metrics, SharedData};
+use crate::config::ConfigError;
+use crate::wire::request::{self, RequestFacts};
+use std::rc::Rc;
 
-/// Headers as the host gave them (names lower-case, as Envoy stores them).
+/// Headers as the host gave them (names lower-case, as Envoy stores them),
+/// with the changes a stage made, which the shell applies in one go. Reads
+/// see the changes, so a later stage in the same VM sees what an earlier one
+/// set.
 #[derive(Clone, Debug, Default)]
 pub struct Headers {
     pairs: Vec<(String, String)>,
+    edits: Vec<Edit>,
+}
+
+/// One header change, in the order it was made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Edit {
+    /// Replace every value of the header with this one.
+    Set(String, String),
+    Remove(String),
 }
 
 impl Headers {
     pub fn new(pairs: Vec<(String, String)>) -> Self {
-        Headers { pairs }
+        Headers {
+            pairs,
+            edits: Vec::new(),
+        }
     }
+
     pub fn get(&self, name: &str) -> Option<&str> {
         self.pairs
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
-}
 
-/// Header changes a stage asks for; the shell applies them in one go.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct HeaderEdits {
-    pub set: Vec<(String, String)>,
-    pub remove: Vec<String>,
-}
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
 
-impl HeaderEdits {
+    /// Sets a header, replacing every value it had.
     pub fn set(&mut self, name: &str, value: impl Into<String>) {
-        self.set.push((name.to_string(), value.into()));
+        let value = value.into();
+        self.pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        self.pairs.push((name.to_string(), value.clone()));
+        self.edits.push(Edit::Set(name.to_string(), value));
     }
+
     pub fn remove(&mut self, name: &str) {
-        self.remove.push(name.to_string());
+        self.pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        self.edits.push(Edit::Remove(name.to_string()));
+    }
+
+    /// The changes made since the last call; the shell applies them.
+    pub fn take_edits(&mut self) -> Vec<Edit> {
+        std::mem::take(&mut self.edits)
+    }
+
+    pub fn edits(&self) -> &[Edit] {
+        &self.edits
     }
 }
 
-/// What to do after the request headers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Flow {
+/// What to do after a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
     Continue,
-    /// Buffer the request body and call `request_body` with all of it. With
-    /// `hold_headers` the headers wait too, because the stage may edit them
-    /// once it has read the body (Envoy needs
-    /// `allow_on_headers_stop_iteration: true` for this).
+    /// After request headers: buffer the request body and call
+    /// [`Stage::request_body`] with all of it. After response headers:
+    /// buffer the whole response and call [`Stage::response_body`] once, with
+    /// all of it. With `hold_headers` the headers wait too, because the stage
+    /// may edit them once it has read the body (for requests Envoy needs
+    /// `allow_on_headers_stop_iteration: true`).
     ReadBody {
         hold_headers: bool,
     },
+    /// Answer here. On the request path nothing goes upstream; the reply
+    /// passes back through the filters above this one.
+    Reply(Reply),
+    /// Wait for the callouts dispatched through [`Env::callouts`] during this
+    /// step; [`Stage::on_callout`] gets each answer (or its failure).
+    Wait,
 }
 
-/// What to do with a body, or a piece of one.
+/// A local reply: status, headers, body.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Body {
-    Unchanged,
-    Replace(Vec<u8>),
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Why, for Envoy's `%RESPONSE_CODE_DETAILS%` (no spaces).
+    pub details: String,
+}
+
+impl Reply {
+    /// A reply in the OpenAI error shape `{"error":{"message","type","code"}}`,
+    /// which OpenAI clients (and most others) already parse.
+    pub fn error(status: u16, kind: &str, code: &str, message: &str) -> Reply {
+        let body = serde_json::json!({
+            "error": { "message": message, "type": kind, "code": code }
+        });
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: body.to_string().into_bytes(),
+            details: format!("aigw_{code}"),
+        }
+    }
+
+    pub fn with_header(mut self, name: &str, value: impl Into<String>) -> Reply {
+        self.headers.push((name.to_string(), value.into()));
+        self
+    }
+}
+
+/// The whole request body, shared by the stages that read it: the facts
+/// every filter wants are parsed once, on first use, and a stage that
+/// changes the body replaces it here (the shell writes it back once and
+/// fixes Content-Length when the headers are held).
+#[derive(Clone, Debug, Default)]
+pub struct RequestBody {
+    bytes: Vec<u8>,
+    truncated: bool,
+    changed: bool,
+    facts: Option<Option<RequestFacts>>,
+}
+
+impl RequestBody {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        RequestBody {
+            bytes,
+            ..RequestBody::default()
+        }
+    }
+
+    /// A body that grew past the limit the stage gave: it was not read.
+    pub fn truncated() -> Self {
+        RequestBody {
+            truncated: true,
+            facts: Some(None),
+            ..RequestBody::default()
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn is_truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// The request facts, parsed on first use; `None` for a body that is
+    /// not a JSON object (or was not read).
+    pub fn facts(&mut self) -> Option<&RequestFacts> {
+        if self.facts.is_none() {
+            self.facts = Some(request::parse(&self.bytes).ok());
+        }
+        self.facts.as_ref().and_then(Option::as_ref)
+    }
+
+    /// Facts learnt elsewhere (another filter's), so they are not parsed again.
+    pub fn set_facts(&mut self, facts: RequestFacts) {
+        self.facts = Some(Some(facts));
+    }
+
+    /// Replaces the body. The cached facts are dropped: the new body may say
+    /// something else (a rewritten model, say) and is parsed again if asked.
+    pub fn replace(&mut self, bytes: Vec<u8>) {
+        self.bytes = bytes;
+        self.changed = true;
+        self.facts = None;
+    }
+
+    pub fn is_changed(&self) -> bool {
+        self.changed
+    }
+}
+
+/// A piece of the response body (or, after [`Step::ReadBody`], all of it).
+#[derive(Clone, Debug, Default)]
+pub struct Chunk {
+    bytes: Vec<u8>,
+    changed: bool,
+    truncated: bool,
+}
+
+impl Chunk {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Chunk {
+            bytes,
+            changed: false,
+            truncated: false,
+        }
+    }
+
+    /// A buffered response that grew past the stage's limit: it goes on unread.
+    pub fn truncated() -> Self {
+        Chunk {
+            truncated: true,
+            ..Chunk::default()
+        }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn is_truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// Replaces the bytes that go on to the client.
+    pub fn set(&mut self, bytes: Vec<u8>) {
+        if bytes != self.bytes {
+            self.bytes = bytes;
+            self.changed = true;
+        }
+    }
+
+    pub fn is_changed(&self) -> bool {
+        self.changed
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// A callout's answer, or why there is none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CalloutResponse {
+    Http {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// A gRPC answer: `status` 0 is OK (then `message` is the response
+    /// message); anything else is the gRPC status code of the failure
+    /// (4 deadline exceeded, 14 unavailable, ...).
+    Grpc { status: u32, message: Vec<u8> },
+    /// No answer: the connection failed or was reset.
+    Failed,
 }
 
 /// What the host knows when the request is over.
@@ -82,35 +281,170 @@ pub struct Env<'a> {
     pub clock: &'a dyn Clock,
     pub state: &'a mut dyn FilterState,
     pub metrics: &'a mut dyn Metrics,
+    pub shared: &'a mut dyn SharedData,
+    pub callouts: &'a mut dyn Callouts,
 }
 
-/// One filter's logic for one request.
+/// The host services of the VM-wide part of a filter (its timer tick).
+pub struct RootEnv<'a> {
+    pub clock: &'a dyn Clock,
+    pub metrics: &'a mut dyn Metrics,
+    pub shared: &'a mut dyn SharedData,
+    pub callouts: &'a mut dyn Callouts,
+}
+
+/// Default largest request body a stage reads whole.
+pub const DEFAULT_MAX_BODY: usize = 8 << 20;
+
+/// One filter's logic for one request. Every method has a default that does
+/// nothing, so a stage implements only the steps it cares about.
 pub trait Stage {
     fn request_headers(
         &mut self,
-        env: &mut Env<'_>,
-        headers: &Headers,
-        edits: &mut HeaderEdits,
-        end_of_stream: bool,
-    ) -> Flow;
-    /// The whole request body (only after `Flow::ReadBody`). `truncated` when
-    /// it grew past the limit the stage gave: it is then not read, and `body`
-    /// is empty.
+        _env: &mut Env<'_>,
+        _headers: &mut Headers,
+        _end_of_stream: bool,
+    ) -> Step {
+        Step::Continue
+    }
+
+    /// The whole request body, after [`Step::ReadBody`] (empty when the
+    /// request had none). `headers` are the request headers; changes to them
+    /// take effect only while they are held.
     fn request_body(
         &mut self,
-        env: &mut Env<'_>,
-        body: &[u8],
-        truncated: bool,
-        edits: &mut HeaderEdits,
-    ) -> Body;
-    fn response_headers(&mut self, env: &mut Env<'_>, headers: &Headers, edits: &mut HeaderEdits);
-    fn response_chunk(&mut self, env: &mut Env<'_>, chunk: &[u8], end_of_stream: bool) -> Body;
-    fn log(&mut self, env: &mut Env<'_>, input: &LogInput);
-    /// The largest request body the stage wants to read whole.
-    fn max_request_body(&self) -> usize;
-    /// Whether `response_chunk` needs the bytes; when false the shell does not
+        _env: &mut Env<'_>,
+        _body: &mut RequestBody,
+        _headers: &mut Headers,
+    ) -> Step {
+        Step::Continue
+    }
+
+    fn response_headers(
+        &mut self,
+        _env: &mut Env<'_>,
+        _headers: &mut Headers,
+        _end_of_stream: bool,
+    ) -> Step {
+        Step::Continue
+    }
+
+    /// A piece of the response body as it passes (or all of it after
+    /// [`Step::ReadBody`]); called once more with an empty chunk and
+    /// `end_of_stream` when the response ends without one (a header-only
+    /// answer, or one that ends with trailers). Only [`Step::Continue`] is
+    /// meaningful here.
+    fn response_body(
+        &mut self,
+        _env: &mut Env<'_>,
+        _chunk: &mut Chunk,
+        _end_of_stream: bool,
+    ) -> Step {
+        Step::Continue
+    }
+
+    /// The answer to a callout this stage dispatched, while it waits.
+    /// `headers` are those of the step that waits (request or response).
+    fn on_callout(
+        &mut self,
+        _env: &mut Env<'_>,
+        _token: u32,
+        _response: &CalloutResponse,
+        _headers: &mut Headers,
+    ) -> Step {
+        Step::Continue
+    }
+
+    fn log(&mut self, _env: &mut Env<'_>, _input: &LogInput) {}
+
+    /// The largest body (request, or response after [`Step::ReadBody`]) the
+    /// stage wants to read whole.
+    fn max_body(&self) -> usize {
+        DEFAULT_MAX_BODY
+    }
+
+    /// Whether `response_body` needs the bytes; when false the shell does not
     /// copy them out of the host (it still reports the end of the stream).
     fn wants_response_body(&self) -> bool {
-        true
+        false
+    }
+
+    /// Whether the stage holds back response bytes that must still reach the
+    /// client (a partial event it may rewrite, a window that may still hold a
+    /// match). The shell then keeps the chunk in Envoy's buffer for one
+    /// callback, so that a response ending in trailers loses nothing.
+    fn holding(&self) -> bool {
+        false
+    }
+}
+
+/// A filter as loaded: its compiled configuration and VM-wide state, which
+/// makes a [`Stage`] for each request and may run work on a timer.
+pub trait Filter: Sized + 'static {
+    type Stage: Stage + 'static;
+    /// The filter's name in logs and errors (`token-meter`).
+    const NAME: &'static str;
+
+    fn from_config(bytes: &[u8]) -> Result<Self, ConfigError>;
+
+    fn stage(filter: &Rc<Self>) -> Self::Stage;
+
+    /// How often [`Filter::tick`] runs, if at all.
+    fn tick_ms(&self) -> Option<u64> {
+        None
+    }
+
+    fn tick(&self, _env: &mut RootEnv<'_>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_changes_are_seen_and_recorded_in_order() {
+        let mut h = Headers::new(vec![
+            ("content-length".into(), "10".into()),
+            ("x-a".into(), "1".into()),
+        ]);
+        h.set("x-a", "2");
+        h.remove("content-length");
+        assert_eq!(h.get("x-a"), Some("2"));
+        assert_eq!(h.get("content-length"), None);
+        assert_eq!(
+            h.take_edits(),
+            vec![
+                Edit::Set("x-a".into(), "2".into()),
+                Edit::Remove("content-length".into())
+            ]
+        );
+        assert!(h.edits().is_empty());
+    }
+
+    #[test]
+    fn body_facts_are_parsed_once_and_dropped_on_replace() {
+        let mut b = RequestBody::new(br#"{"model":"a","stream":true}"#.to_vec());
+        assert_eq!(
+            b.facts().and_then(|f| f.model.clone()).as_deref(),
+            Some("a")
+        );
+        b.replace(br#"{"model":"b"}"#.to_vec());
+        assert!(b.is_changed());
+        assert_eq!(
+            b.facts().and_then(|f| f.model.clone()).as_deref(),
+            Some("b")
+        );
+        assert!(RequestBody::new(b"not json".to_vec()).facts().is_none());
+        assert!(RequestBody::truncated().facts().is_none());
+    }
+
+    #[test]
+    fn errors_have_the_openai_shape() {
+        let r = Reply::error(429, "rate_limit_error", "rate_limit_exceeded", "slow down");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["error"]["message"], "slow down");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(r.status, 429);
     }
 }

@@ -22,7 +22,7 @@ pub mod price;
 use crate::config::{self, ConfigError};
 use crate::facts;
 use crate::metrics::{self, Registry};
-use crate::stage::{Body, Env, Flow, HeaderEdits, Headers, LogInput, Stage};
+use crate::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, Stage, Step};
 use crate::wire::api::{self, Api, Family, Operation};
 use crate::wire::decode::Decoder;
 use crate::wire::json_scan::TopLevel;
@@ -133,6 +133,19 @@ impl Meter {
             access_log: c.access_log.unwrap_or(true),
             registry: RefCell::new(Registry::new(max_series)),
         })
+    }
+}
+
+impl Filter for Meter {
+    type Stage = MeterStage;
+    const NAME: &'static str = "token-meter";
+
+    fn from_config(bytes: &[u8]) -> Result<Self, ConfigError> {
+        Meter::from_json(bytes)
+    }
+
+    fn stage(meter: &Rc<Self>) -> MeterStage {
+        MeterStage::new(Rc::clone(meter))
     }
 }
 
@@ -288,10 +301,9 @@ impl Stage for MeterStage {
     fn request_headers(
         &mut self,
         env: &mut Env<'_>,
-        headers: &Headers,
-        edits: &mut HeaderEdits,
+        headers: &mut Headers,
         end_of_stream: bool,
-    ) -> Flow {
+    ) -> Step {
         self.start_ms = Some(env.clock.now_ms());
         self.consumer = facts::text(env.state, facts::CONSUMER).or_else(|| {
             let v = headers.get(&self.meter.consumer_header)?.trim();
@@ -302,31 +314,31 @@ impl Stage for MeterStage {
             headers.get(":path").unwrap_or(""),
         );
         let Some(api) = self.api.clone() else {
-            return Flow::Continue;
+            return Step::Continue;
         };
         if self.meter.identity_encoding
             && headers
                 .get("accept-encoding")
                 .is_some_and(|v| !v.eq_ignore_ascii_case("identity"))
         {
-            edits.set("accept-encoding", "identity");
+            headers.set("accept-encoding", "identity");
         }
         if end_of_stream {
-            return Flow::Continue;
+            return Step::Continue;
         }
         if let Some(r) = facts::request(env.state) {
             let needs_body = self.wants_injection(&api, &r);
             self.request = Some(r);
             if !needs_body {
-                return Flow::Continue;
+                return Step::Continue;
             }
         }
         let may_inject = self.meter.inject_stream_usage && api.has_stream_options();
         if may_inject && !self.meter.hold_request_headers {
             // The body may grow after these headers are gone: no stale length.
-            edits.remove("content-length");
+            headers.remove("content-length");
         }
-        Flow::ReadBody {
+        Step::ReadBody {
             hold_headers: may_inject && self.meter.hold_request_headers,
         }
     }
@@ -334,56 +346,63 @@ impl Stage for MeterStage {
     fn request_body(
         &mut self,
         env: &mut Env<'_>,
-        body: &[u8],
-        truncated: bool,
-        edits: &mut HeaderEdits,
-    ) -> Body {
+        body: &mut RequestBody,
+        _headers: &mut Headers,
+    ) -> Step {
         let Some(api) = self.api.clone() else {
-            return Body::Unchanged;
+            return Step::Continue;
         };
-        if truncated {
-            return Body::Unchanged;
+        if body.is_truncated() {
+            return Step::Continue;
         }
-        if self.request.is_none() {
-            match request::parse(body) {
-                Ok(r) => {
-                    facts::put_request(env.state, &r);
-                    self.request = Some(r);
+        match &self.request {
+            Some(r) => body.set_facts(r.clone()),
+            None => match body.facts() {
+                Some(r) => {
+                    facts::put_request(env.state, r);
+                    self.request = Some(r.clone());
                 }
                 // Not ours to reject: the upstream answers a malformed body
                 // with its own 400, which the meter then logs.
-                Err(_) => return Body::Unchanged,
-            }
+                None => return Step::Continue,
+            },
         }
         let Some(r) = &self.request else {
-            return Body::Unchanged;
+            return Step::Continue;
         };
         if !self.wants_injection(&api, r) {
-            return Body::Unchanged;
+            return Step::Continue;
         }
-        match request::with_include_usage(body, r) {
-            Some(new) => {
-                self.injected = true;
-                // The body grows: a stale Content-Length would truncate it upstream.
-                if self.meter.hold_request_headers {
-                    edits.set("content-length", new.len().to_string());
-                }
-                Body::Replace(new)
-            }
-            None => Body::Unchanged,
+        if let Some(new) = request::with_include_usage(body.bytes(), r) {
+            // The body grows: the shell fixes Content-Length while the
+            // headers are held (or the length was dropped up front).
+            self.injected = true;
+            let facts = r.clone();
+            body.replace(new);
+            body.set_facts(RequestFacts {
+                include_usage: true,
+                has_stream_options: true,
+                ..facts
+            });
         }
+        Step::Continue
     }
 
-    fn response_headers(&mut self, _env: &mut Env<'_>, headers: &Headers, edits: &mut HeaderEdits) {
+    fn response_headers(
+        &mut self,
+        _env: &mut Env<'_>,
+        headers: &mut Headers,
+        _end_of_stream: bool,
+    ) -> Step {
         self.status = headers.get(":status").and_then(|s| s.parse().ok());
         if self.api.is_none() || self.status.is_none_or(|s| s >= 400) {
-            return;
+            return Step::Continue;
         }
         if let Some(enc) = headers.get("content-encoding") {
             if !enc.eq_ignore_ascii_case("identity") {
                 match Decoder::for_encoding(enc) {
                     Some(d) => self.decoder = Some(d),
-                    None => return,
+                    None => return Step::Continue,
                 }
             }
         }
@@ -396,7 +415,7 @@ impl Stage for MeterStage {
             // Rewriting needs the plain bytes; a compressed stream is only read.
             let strip = self.injected && self.decoder.is_none();
             if strip {
-                edits.remove("content-length");
+                headers.remove("content-length");
             }
             let limits = sse::Limits {
                 max_event_bytes: self.meter.max_event_bytes,
@@ -411,9 +430,42 @@ impl Stage for MeterStage {
                 MAX_USAGE_VALUE,
             )))
         };
+        Step::Continue
     }
 
-    fn response_chunk(&mut self, env: &mut Env<'_>, chunk: &[u8], end_of_stream: bool) -> Body {
+    fn response_body(&mut self, env: &mut Env<'_>, chunk: &mut Chunk, end_of_stream: bool) -> Step {
+        if let Some(out) = self.response_chunk(env, chunk.bytes(), end_of_stream) {
+            chunk.set(out);
+        }
+        Step::Continue
+    }
+
+    fn log(&mut self, env: &mut Env<'_>, input: &LogInput) {
+        self.log_line(env, input);
+    }
+
+    fn max_body(&self) -> usize {
+        self.meter.max_request_body_bytes
+    }
+
+    fn wants_response_body(&self) -> bool {
+        !matches!(self.reading, Reading::Nothing)
+    }
+
+    fn holding(&self) -> bool {
+        matches!(&self.reading, Reading::Sse { parser, strip: true } if parser.held_bytes() > 0)
+    }
+}
+
+impl MeterStage {
+    /// Reads one piece of the response; the bytes to send instead, when the
+    /// stage rewrites the stream.
+    fn response_chunk(
+        &mut self,
+        env: &mut Env<'_>,
+        chunk: &[u8],
+        end_of_stream: bool,
+    ) -> Option<Vec<u8>> {
         if !chunk.is_empty() {
             let now = env.clock.now_ms();
             self.first_byte_ms.get_or_insert(now);
@@ -422,9 +474,7 @@ impl Stage for MeterStage {
         if end_of_stream {
             self.complete = true;
         }
-        let Some(family) = self.api.as_ref().map(|a| a.family) else {
-            return Body::Unchanged;
-        };
+        let family = self.api.as_ref().map(|a| a.family)?;
         let out = match self.decoder.take() {
             Some(mut d) => {
                 let mut plain = Vec::new();
@@ -441,16 +491,18 @@ impl Stage for MeterStage {
         if end_of_stream {
             self.finish_json();
         }
-        match out {
-            Some(out) if out != chunk => Body::Replace(out),
-            _ => Body::Unchanged,
-        }
+        out
     }
 
-    fn log(&mut self, env: &mut Env<'_>, input: &LogInput) {
+    fn log_line(&mut self, env: &mut Env<'_>, input: &LogInput) {
         let now = env.clock.now_ms();
         self.finish_json();
         let status = input.status.or(self.status);
+        // A filter after this one (rate-limit's identity) may have named the
+        // caller since the request headers passed: its word wins.
+        if let Some(c) = facts::text(env.state, facts::CONSUMER) {
+            self.consumer = Some(c);
+        }
         let usage = self.usage(env, status);
         let meter = Rc::clone(&self.meter);
 
@@ -534,14 +586,6 @@ impl Stage for MeterStage {
             };
             env.state.set(facts::ACCESS_LOG, line.to_json().as_bytes());
         }
-    }
-
-    fn max_request_body(&self) -> usize {
-        self.meter.max_request_body_bytes
-    }
-
-    fn wants_response_body(&self) -> bool {
-        !matches!(self.reading, Reading::Nothing)
     }
 }
 

@@ -48,14 +48,36 @@ impl Default for Exchange<'_> {
     }
 }
 
+/// Header changes as the host applies them (sets and removals, in order).
+#[derive(Debug, Default)]
+struct HeaderEdits {
+    set: Vec<(String, String)>,
+    remove: Vec<String>,
+}
+
+impl HeaderEdits {
+    fn add(&mut self, edits: Vec<crate::stage::Edit>) {
+        for e in edits {
+            match e {
+                crate::stage::Edit::Set(k, v) => self.set.push((k, v)),
+                crate::stage::Edit::Remove(k) => self.remove.push(k),
+            }
+        }
+    }
+}
+
 fn run_with(meter: &Rc<Meter>, ex: Exchange<'_>, mut state: FakeFilterState) -> Run {
     let clock = FakeClock::at(1_000);
     let mut metrics = FakeMetrics::default();
+    let mut shared = crate::boundary::FakeSharedData::default();
+    let mut callouts = crate::boundary::FakeCallouts::default();
     let mut stage = MeterStage::new(Rc::clone(meter));
     let mut env = Env {
         clock: &clock,
         state: &mut state,
         metrics: &mut metrics,
+        shared: &mut shared,
+        callouts: &mut callouts,
     };
     let mut req: Vec<(String, String)> = vec![
         (":method".into(), "POST".into()),
@@ -67,14 +89,21 @@ fn run_with(meter: &Rc<Meter>, ex: Exchange<'_>, mut state: FakeFilterState) -> 
             .map(|(k, v)| (k.to_string(), v.to_string())),
     );
     let mut request_edits = HeaderEdits::default();
-    let flow = stage.request_headers(&mut env, &Headers::new(req), &mut request_edits, false);
+    let mut headers = Headers::new(req);
+    let step = stage.request_headers(&mut env, &mut headers, false);
+    request_edits.add(headers.take_edits());
     let mut upstream_body = ex.body.as_bytes().to_vec();
-    if let Flow::ReadBody { .. } = flow {
-        if let Body::Replace(b) =
-            stage.request_body(&mut env, ex.body.as_bytes(), false, &mut request_edits)
-        {
-            upstream_body = b;
+    if let Step::ReadBody { hold_headers } = step {
+        let mut body = RequestBody::new(ex.body.as_bytes().to_vec());
+        stage.request_body(&mut env, &mut body, &mut headers);
+        if body.is_changed() {
+            upstream_body = body.bytes().to_vec();
+            // As the host adapter does while the headers are held.
+            if hold_headers {
+                headers.set("content-length", upstream_body.len().to_string());
+            }
         }
+        request_edits.add(headers.take_edits());
     }
     clock.advance(100);
     let mut resp: Vec<(String, String)> = vec![(":status".into(), ex.status.into())];
@@ -84,19 +113,20 @@ fn run_with(meter: &Rc<Meter>, ex: Exchange<'_>, mut state: FakeFilterState) -> 
             .map(|(k, v)| (k.to_string(), v.to_string())),
     );
     let mut response_edits = HeaderEdits::default();
-    stage.response_headers(&mut env, &Headers::new(resp), &mut response_edits);
+    let mut rh = Headers::new(resp);
+    stage.response_headers(&mut env, &mut rh, false);
+    response_edits.add(rh.take_edits());
     let mut client_body = Vec::new();
     let n = ex.chunks.len();
     for (i, chunk) in ex.chunks.iter().enumerate() {
         clock.advance(10);
         let last = ex.complete && i + 1 == n;
-        match stage.response_chunk(&mut env, chunk, last) {
-            Body::Unchanged => client_body.extend_from_slice(chunk),
-            Body::Replace(b) => client_body.extend_from_slice(&b),
-        }
+        let mut c = Chunk::new(chunk.clone());
+        stage.response_body(&mut env, &mut c, last);
+        client_body.extend_from_slice(c.bytes());
     }
     if ex.complete && n == 0 {
-        stage.response_chunk(&mut env, &[], true);
+        stage.response_body(&mut env, &mut Chunk::default(), true);
     }
     let status = ex.status.parse().ok();
     stage.log(
