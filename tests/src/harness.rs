@@ -97,6 +97,17 @@ impl Envoy {
         upstream: &str,
         upstream_ca: Option<&Path>,
     ) -> Result<Envoy, String> {
+        Envoy::start_with_clusters(yaml, upstream, upstream_ca, &[])
+    }
+
+    /// As [`Envoy::start_with`], with the addresses of the services the YAML
+    /// marks `# aigw:cluster_<name>` (a rate limit service, a cache tier).
+    pub fn start_with_clusters(
+        yaml: &str,
+        upstream: &str,
+        upstream_ca: Option<&Path>,
+        clusters: &[(&str, SocketAddr)],
+    ) -> Result<Envoy, String> {
         let envoy = envoy_bin();
         if !envoy.exists() {
             return Err(format!(
@@ -124,6 +135,7 @@ impl Envoy {
             access_log: access_log.display().to_string(),
             wasm_dir: wasm.display().to_string(),
             upstream_ca: upstream_ca.map(|p| p.display().to_string()),
+            clusters: clusters.iter().map(|(n, a)| (n.to_string(), *a)).collect(),
         };
         let rendered = render::render(yaml, &values)?;
         std::fs::write(&config, rendered).map_err(|e| e.to_string())?;

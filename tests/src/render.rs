@@ -61,6 +61,10 @@ pub struct Values {
     pub wasm_dir: String,
     /// CA bundle that verifies an https upstream; the system bundle when `None`.
     pub upstream_ca: Option<String>,
+    /// Addresses of the services a YAML names with `# aigw:cluster_<name>`
+    /// (a rate limit service, a cache tier); a marked line whose name is not
+    /// here keeps the address the file gives.
+    pub clusters: Vec<(String, std::net::SocketAddr)>,
 }
 
 /// Debian's (and most distributions') bundle of public CAs.
@@ -140,6 +144,14 @@ pub fn render(yaml: &str, v: &Values) -> Result<String, String> {
                 }
                 continue;
             }
+            Some(m) if m.starts_with("cluster_") => {
+                let name = &m["cluster_".len()..];
+                match v.clusters.iter().find(|(n, _)| n == name) {
+                    Some((_, addr)) => replace_after(line, "address:", &addr.ip().to_string())
+                        .and_then(|l| with_port(&l, addr.port())),
+                    None => Some(line.to_string()),
+                }
+            }
             Some(other) => return Err(format!("unknown marker `# aigw:{other}`")),
         };
         let line = replaced.ok_or_else(|| format!("cannot apply the marker on line {line:?}"))?;
@@ -192,6 +204,7 @@ mod tests {
             access_log: "/tmp/a.jsonl".into(),
             wasm_dir: "/w".into(),
             upstream_ca: None,
+            clusters: vec![("rls".into(), "127.0.0.1:7".parse().unwrap())],
         };
         let out = render(yaml, &v).unwrap();
         assert!(out.contains("port_value: 1 }  # aigw:port"), "{out}");
@@ -211,6 +224,16 @@ mod tests {
             "{out}"
         );
         assert!(render("x: 1  # aigw:nope\n", &v).is_err());
+        let named = "  a: { address: 10.0.0.1, port_value: 81 }  # aigw:cluster_rls\n  b: { address: 10.0.0.2, port_value: 82 }  # aigw:cluster_other\n";
+        let out = render(named, &v).unwrap();
+        assert!(
+            out.contains("a: { address: 127.0.0.1, port_value: 7 }"),
+            "{out}"
+        );
+        assert!(
+            out.contains("b: { address: 10.0.0.2, port_value: 82 }"),
+            "{out}"
+        );
         assert_eq!(render("# aigw: prose\n", &v).unwrap(), "# aigw: prose\n");
         assert!(render("x: 1  # aigw:port\n", &v).is_err());
     }

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
             access_log: access_log.clone(),
             wasm_dir: wasm_dir.clone(),
             upstream_ca,
+            clusters: Vec::new(),
         };
         render(&text, &values)
     })();
