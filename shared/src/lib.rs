@@ -20,3 +20,6 @@ pub mod wire; // api, request, sse, json_scan, decode, usage
 
 // One folder per stage.
 pub mod meter; // token-meter: usage, prices, metrics, the access-log line
+
+// All of them in one VM.
+pub mod bundle; // the chain of stages, facts in memory, one body read
