@@ -53,6 +53,25 @@ pub fn gateway_yaml() -> String {
     std::fs::read_to_string(root().join(gateway_yaml_path())).unwrap_or_default()
 }
 
+/// A command Envoy runs under, from `AIGW_ENVOY_WRAPPER` (words split on
+/// spaces): the benchmark counts Envoy's instructions under valgrind.
+fn wrapper() -> Option<Vec<String>> {
+    let w = std::env::var("AIGW_ENVOY_WRAPPER").ok()?;
+    let words: Vec<String> = w.split_whitespace().map(str::to_string).collect();
+    (!words.is_empty()).then_some(words)
+}
+
+fn envoy_command(envoy: &Path) -> Command {
+    match wrapper() {
+        Some(words) => {
+            let mut c = Command::new(&words[0]);
+            c.args(&words[1..]).arg(envoy);
+            c
+        }
+        None => Command::new(envoy),
+    }
+}
+
 /// A port free right now on loopback.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -161,7 +180,7 @@ impl Envoy {
         };
         let rendered = render::render(yaml, &values)?;
         std::fs::write(&config, rendered).map_err(|e| e.to_string())?;
-        let child = Command::new(&envoy)
+        let child = envoy_command(&envoy)
             .arg("-c")
             .arg(&config)
             .args(["--concurrency", "1", "--disable-hot-restart"])
@@ -187,7 +206,10 @@ impl Envoy {
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Under a wrapper (valgrind, for the benchmark's instruction counts)
+        // Envoy takes far longer to start.
+        let wait = if wrapper().is_some() { 300 } else { 30 };
+        let deadline = Instant::now() + Duration::from_secs(wait);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!(
@@ -202,7 +224,10 @@ impl Envoy {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Err(format!("envoy not ready after 30 s:\n{}", self.log_text()))
+        Err(format!(
+            "envoy not ready after {wait} s:\n{}",
+            self.log_text()
+        ))
     }
 
     /// Envoy's process id (for CPU accounting in the benchmark).

@@ -19,6 +19,10 @@ struct Opts {
     seconds: u64,
     connections: usize,
     repeat: u64,
+    /// Count Envoy's instructions per request under callgrind (this many
+    /// requests per row) instead of timing it: slow, but the same count on
+    /// a busy machine as on an idle one.
+    instructions: u64,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -26,6 +30,7 @@ fn parse_opts() -> Result<Opts, String> {
         seconds: 5,
         connections: 4,
         repeat: 3,
+        instructions: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -38,6 +43,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--seconds" => opts.seconds = value("--seconds")?,
             "--connections" => opts.connections = value("--connections")? as usize,
             "--repeat" => opts.repeat = value("--repeat")?,
+            "--instructions" => opts.instructions = value("--instructions")?,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -225,6 +231,92 @@ fn load(addr: SocketAddr, pid: u32, request: &[u8], opts: &Opts) -> Result<Resul
     })
 }
 
+/// Envoy's instructions per request, counted by callgrind over `n`
+/// requests on one keep-alive connection after a warm-up.
+fn instructions(
+    envoy: &Envoy,
+    request: &[u8],
+    n: u64,
+    dir: &std::path::Path,
+) -> Result<f64, String> {
+    let mut r = BufReader::new(TcpStream::connect(envoy.addr()).map_err(|e| e.to_string())?);
+    for _ in 0..50 {
+        if exchange(&mut r, request)? != 200 {
+            return Err("warm-up request failed".into());
+        }
+    }
+    let control = |arg: &str| {
+        std::process::Command::new("callgrind_control")
+            .args([arg, &envoy.pid().to_string()])
+            .output()
+            .map_err(|e| format!("callgrind_control: {e}"))
+    };
+    control("-z")?;
+    for _ in 0..n {
+        if exchange(&mut r, request)? != 200 {
+            return Err("a request failed".into());
+        }
+    }
+    control("-d")?;
+    // The newest dump holds the counts since the zeroing.
+    let newest = std::fs::read_dir(dir)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|f| f.to_string_lossy().contains("cg."))
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .ok_or("no callgrind dump")?;
+    let text = std::fs::read_to_string(&newest).map_err(|e| e.to_string())?;
+    let total: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("totals: ")
+                .or_else(|| l.strip_prefix("summary: "))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or("no totals in the callgrind dump")?;
+    Ok(total as f64 / n as f64)
+}
+
+fn count_instructions(
+    variants: &[(&str, String)],
+    mock: &MockLlm,
+    opts: &Opts,
+) -> Result<(), String> {
+    println!(
+        "Envoy's instructions per request (callgrind, {} requests per row after a warm-up, 1 keep-alive connection, 1 worker)\n",
+        opts.instructions
+    );
+    println!(
+        "{:<13} {:<7} {:>14} {:>9}",
+        "variant", "answer", "instr/req", "instr x"
+    );
+    for (stream, shape) in [(false, "json"), (true, "stream")] {
+        let req = request(stream);
+        let mut base = None;
+        for (name, yaml) in variants {
+            let dir = aigw_tests::harness::Scratch::new("callgrind").map_err(|e| e.to_string())?;
+            std::env::set_var(
+                "AIGW_ENVOY_WRAPPER",
+                format!(
+                    "valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file={}/cg.%p",
+                    dir.path().display()
+                ),
+            );
+            let envoy = Envoy::start_text(yaml, mock.addr());
+            std::env::remove_var("AIGW_ENVOY_WRAPPER");
+            let envoy = envoy?;
+            let per = instructions(&envoy, &req, opts.instructions, dir.path())?;
+            let b = *base.get_or_insert(per);
+            println!("{:<13} {:<7} {:>14.0} {:>9.2}", name, shape, per, per / b);
+        }
+    }
+    Ok(())
+}
+
 fn request(stream: bool) -> Vec<u8> {
     // About 1 KiB of JSON, like a short chat turn with a system prompt.
     let system = "You are a helpful assistant. ".repeat(20);
@@ -248,12 +340,18 @@ fn run() -> Result<(), String> {
     let opts = parse_opts()?;
     let gateway =
         std::fs::read_to_string(root().join("envoy/gateway.yaml")).map_err(|e| e.to_string())?;
+    let bundle = std::fs::read_to_string(root().join("envoy/gateway-bundle.yaml"))
+        .map_err(|e| e.to_string())?;
     let variants = [
         ("bare envoy", bare(&gateway)?),
         ("token-meter", gateway.clone()),
+        ("bundle", bundle),
         ("5 modules", all_five(&gateway)?),
     ];
     let mock = MockLlm::start().map_err(|e| e.to_string())?;
+    if opts.instructions > 0 {
+        return count_instructions(&variants, &mock, &opts);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = cores >= 2 && pin(std::process::id(), "0");
     println!(
