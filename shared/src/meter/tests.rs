@@ -530,7 +530,7 @@ fn errors_are_never_usage() {
 fn a_cut_stream_is_estimated_from_what_was_seen() {
     let stream = chat_stream_with_usage();
     // Cut before the usage chunk: the text seen is "w0 w1 " (6 bytes, 2 tokens).
-    let cut = stream.windows(7).position(|w| w == b"\"stop\"}").unwrap();
+    let cut = memchr::memmem::find(&stream, b"\"stop\"}").unwrap();
     let r = run(
         &meter(""),
         Exchange {
