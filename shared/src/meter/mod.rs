@@ -747,44 +747,87 @@ fn on_event(
     }
 }
 
-/// The byte range of a `"usage":null` member and one adjacent comma.
+/// The byte range of the top-level `"usage":null` member and one adjacent comma.
 ///
-/// An unescaped `"usage"` followed by `:` can only be an object key: inside a
-/// JSON string its quotes would be escaped.
+/// Only the top level is the meter's: a `"usage":null` inside a nested
+/// object (a tool's arguments, a provider's extension) is the provider's
+/// and stays. So the walk tracks strings and nesting from the first `{`, and
+/// looks only at keys one level deep.
 fn null_usage_span(raw: &[u8]) -> Option<(usize, usize)> {
     let key = b"\"usage\"";
     let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
-    let mut from = 0;
-    while let Some(pos) = find(&raw[from..], key).map(|p| p + from) {
-        let mut i = pos + key.len();
-        while raw.get(i).is_some_and(ws) {
-            i += 1;
-        }
-        if raw.get(i) == Some(&b':') {
-            i += 1;
-            while raw.get(i).is_some_and(ws) {
-                i += 1;
+    let pos = top_level_key(raw, key)?;
+    let mut i = pos + key.len();
+    while raw.get(i).is_some_and(ws) {
+        i += 1;
+    }
+    if raw.get(i) != Some(&b':') {
+        return None;
+    }
+    i += 1;
+    while raw.get(i).is_some_and(ws) {
+        i += 1;
+    }
+    if !raw.get(i..)?.starts_with(b"null") {
+        return None;
+    }
+    let end = i + 4;
+    let mut before = pos;
+    while before > 0 && ws(&raw[before - 1]) {
+        before -= 1;
+    }
+    if before > 0 && raw[before - 1] == b',' {
+        return Some((before - 1, end));
+    }
+    let mut after = end;
+    while raw.get(after).is_some_and(ws) {
+        after += 1;
+    }
+    if raw.get(after) == Some(&b',') {
+        return Some((pos, after + 1));
+    }
+    Some((pos, end))
+}
+
+/// Where the key `quoted` (quotes included) of a member of the outermost
+/// object starts: depth one, outside any string, followed by `:`.
+fn top_level_key(raw: &[u8], quoted: &[u8]) -> Option<usize> {
+    let start = memchr::memchr(b'{', raw)?;
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in raw.iter().enumerate().skip(start) {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
             }
-            if raw[i..].starts_with(b"null") {
-                let end = i + 4;
-                let mut before = pos;
-                while before > 0 && ws(&raw[before - 1]) {
-                    before -= 1;
-                }
-                if before > 0 && raw[before - 1] == b',' {
-                    return Some((before - 1, end));
-                }
-                let mut after = end;
-                while raw.get(after).is_some_and(ws) {
-                    after += 1;
-                }
-                if raw.get(after) == Some(&b',') {
-                    return Some((pos, after + 1));
-                }
-                return Some((pos, end));
-            }
+            continue;
         }
-        from = pos + 1;
+        match b {
+            b'"' => {
+                let is_key = || {
+                    let after = &raw[i + quoted.len()..];
+                    after
+                        .iter()
+                        .find(|c| !matches!(c, b' ' | b'\t' | b'\r' | b'\n'))
+                        == Some(&b':')
+                };
+                if depth == 1 && raw[i..].starts_with(quoted) && is_key() {
+                    return Some(i);
+                }
+                in_string = true;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return None;
+                }
+            }
+            _ => {}
+        }
     }
     None
 }
@@ -794,10 +837,6 @@ fn without_null_usage(raw: &[u8]) -> Vec<u8> {
         Some((a, b)) => [&raw[..a], &raw[b..]].concat(),
         None => raw.to_vec(),
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    memchr::memmem::find(hay, needle)
 }
 
 #[cfg(test)]

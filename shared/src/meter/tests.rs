@@ -646,6 +646,29 @@ fn strips_null_usage_members() {
             r#"data: {"usage":{"x":null}}"#,
             r#"data: {"usage":{"x":null}}"#,
         ),
+        // A nested `"usage":null` (a tool's argument object, a provider's
+        // extension) is the provider's, not the meter's: only the top-level
+        // member goes.
+        (
+            r#"data: {"x":{"usage":null},"usage":null}"#,
+            r#"data: {"x":{"usage":null}}"#,
+        ),
+        (
+            r#"data: {"choices":[{"delta":{"usage":null}}],"a":1,"usage":null}"#,
+            r#"data: {"choices":[{"delta":{"usage":null}}],"a":1}"#,
+        ),
+        (
+            r#"data: {"a":"usage","usage":null}"#,
+            r#"data: {"a":"usage"}"#,
+        ),
+        (
+            r#"data: {"x":{"usage":null},"a":1}"#,
+            r#"data: {"x":{"usage":null},"a":1}"#,
+        ),
+        (
+            r#"data: {"k\"":"{\"usage\":null","usage":null}"#,
+            r#"data: {"k\"":"{\"usage\":null"}"#,
+        ),
     ];
     for (raw, want) in cases {
         assert_eq!(
