@@ -5,7 +5,8 @@
 //! Endpoints: `POST /v1/chat/completions`, `/v1/completions`,
 //! `/v1/responses`, `/v1/embeddings`, `/v1/messages` (Anthropic),
 //! `/openai/deployments/{d}/{chat/completions,completions,embeddings}?api-version=..`
-//! (Azure), and `GET /healthz`.
+//! (Azure), `POST /v1/threads/{id}/messages` (OpenAI Assistants: not an LLM
+//! call, but its path ends like Anthropic's), and `GET /healthz`.
 //!
 //! Counting: P (prompt) is the [`words`] of the request's text, or
 //! `x-mock-prompt-tokens`; the answer is C = `x-mock-chunks` (default 5)
@@ -668,6 +669,14 @@ fn route(method: &str, path: &str) -> Option<Route> {
     }
 }
 
+/// The thread of an Assistants `POST /v1/threads/{thread}/messages`.
+fn thread_messages<'a>(method: &str, path: &'a str) -> Option<&'a str> {
+    let thread = path
+        .strip_prefix("/v1/threads/")?
+        .strip_suffix("/messages")?;
+    (method == "POST" && !thread.is_empty() && !thread.contains('/')).then_some(thread)
+}
+
 /// One SSE event before framing.
 #[derive(Clone, Debug)]
 struct Event {
@@ -780,6 +789,15 @@ fn respond(req: &Request) -> Reply {
             body: Body::Full(b"ok".to_vec()),
             knobs: Knobs::default(),
         };
+    }
+    if let Some(thread) = thread_messages(&req.method, path) {
+        // Assistants: adds a message to a thread; no tokens are used, and
+        // its path ends like Anthropic's `/v1/messages`.
+        let body = format!(
+            r#"{{"id":"msg_mock","object":"thread.message","created_at":{CREATED},"thread_id":{},"role":"user","content":[{{"type":"text","text":{{"value":"ok","annotations":[]}}}}]}}"#,
+            js(thread)
+        );
+        return json_reply(200, body, Knobs::default());
     }
     let Some(route) = route(&req.method, path) else {
         let message = format!("no route for {} {}", req.method, path);
@@ -1952,6 +1970,10 @@ mod tests {
         assert!(r.json()["error"]["message"].is_string());
 
         assert_eq!(post(&mock, "/nope", &[], "{}").status, 404);
+        let r = post(&mock, "/v1/threads/t1/messages", &[], r#"{"role":"user"}"#);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["object"], "thread.message");
+        assert!(r.json().get("usage").is_none());
         let azure = "/openai/deployments/my-gpt/chat/completions";
         assert_eq!(post(&mock, azure, &[], CHAT).status, 404);
         let r = post(&mock, &format!("{azure}?api-version=2024-10-21"), &[], CHAT);

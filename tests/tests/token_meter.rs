@@ -649,6 +649,34 @@ fn requests_that_are_not_llm_calls_get_a_line_of_nulls() {
 }
 
 #[test]
+fn look_alike_paths_are_not_metered_as_llm_calls() {
+    let gw = gateway();
+    // OpenAI Assistants: adds a message to a thread, answered 200 by the
+    // mock; it ends like Anthropic's /v1/messages but uses no tokens.
+    let resp = gw.post(
+        "/v1/threads/thread_1/messages",
+        "assistants",
+        &[],
+        r#"{"role":"user","content":"one two three four"}"#,
+    );
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let line = gw.line("assistants");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["usage_source"], "none", "{line}");
+    for field in [
+        "provider",
+        "operation",
+        "model",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "cost_usd",
+    ] {
+        assert!(line[field].is_null(), "{field}: {line}");
+    }
+}
+
+#[test]
 fn an_unreachable_upstream_gets_an_openai_shaped_error() {
     let port = aigw_tests::harness::free_port().unwrap();
     let envoy = Envoy::start("envoy/gateway.yaml", ([127, 0, 0, 1], port).into()).unwrap();
