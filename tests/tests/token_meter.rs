@@ -497,6 +497,91 @@ fn compressed_responses_are_metered() {
 }
 
 #[test]
+fn compressed_answers_are_read_within_bounds() {
+    let gw = gateway();
+    let stream = chat(Some(json!({"include_usage": true})));
+    let cases: &[(&str, &[(&str, &str)], &str, &str, u64)] = &[
+        // 512 MiB of spaces before the usage, ~500 KiB on the wire: the meter
+        // stops at its budget, the client still gets every byte.
+        (
+            "bomb",
+            &[("x-mock-gzip-bomb-mib", "512")],
+            "json",
+            "estimated",
+            7,
+        ),
+        (
+            "two-members-stream",
+            &[("x-mock-gzip-members", "2")],
+            "stream",
+            "provider",
+            5,
+        ),
+        (
+            "two-members-json",
+            &[("x-mock-gzip-members", "2")],
+            "json",
+            "provider",
+            5,
+        ),
+        (
+            "corrupt-after-usage",
+            &[("x-mock-gzip-corrupt", "1")],
+            "json",
+            "provider",
+            5,
+        ),
+        (
+            "corrupt-after-usage-stream",
+            &[("x-mock-gzip-corrupt", "1")],
+            "stream",
+            "provider",
+            5,
+        ),
+    ];
+    for (consumer, knobs, kind, source, output) in cases {
+        let body = if *kind == "stream" {
+            stream.clone()
+        } else {
+            chat(None)
+        };
+        let direct = client::post(gw.mock.addr(), "/v1/chat/completions", knobs, &body).unwrap();
+        let resp = gw.post("/v1/chat/completions", consumer, knobs, &body);
+        assert_eq!(resp.status, 200, "{consumer}");
+        assert_eq!(resp.header("content-encoding"), Some("gzip"), "{consumer}");
+        assert!(
+            resp.body == direct.body,
+            "{consumer}: the client gets the upstream's bytes ({} of {})",
+            resp.body.len(),
+            direct.body.len()
+        );
+        let line = gw.line(consumer);
+        assert_eq!(line["usage_source"], *source, "{consumer}: {line}");
+        if *source == "provider" {
+            assert_usage(&line, consumer, (4, *output, Some(0), Some(0)));
+        } else {
+            // The prompt's estimate (18 bytes), and the text before the
+            // padding: "w0 " .. "w4 ", "assistant", "stop" (28 bytes).
+            assert_eq!(line["input_tokens"], 5, "{consumer}: {line}");
+            assert_eq!(line["output_tokens"], 7, "{consumer}: {line}");
+        }
+    }
+    // The VM survived the bomb: the next answer is metered exactly.
+    let resp = gw.post("/v1/chat/completions", "after-bomb", &[], &chat(None));
+    assert_eq!(resp.status, 200);
+    assert_usage(
+        &gw.line("after-bomb"),
+        "after bomb",
+        (4, 5, Some(0), Some(0)),
+    );
+    let log = gw.envoy.log_text();
+    assert!(
+        !log.contains("panicked") && !log.contains("Function: "),
+        "{log}"
+    );
+}
+
+#[test]
 fn metrics_by_model_and_consumer() {
     let gw = gateway();
     for _ in 0..2 {

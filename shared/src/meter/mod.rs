@@ -24,7 +24,7 @@ use crate::facts;
 use crate::metrics::{self, Registry};
 use crate::stage::{Body, Env, Flow, HeaderEdits, Headers, LogInput, Stage};
 use crate::wire::api::{self, Api, Family, Operation};
-use crate::wire::decode::Decoder;
+use crate::wire::decode::{Decoder, Fed};
 use crate::wire::json_scan::TopLevel;
 use crate::wire::request::{self, RequestFacts, TextLen};
 use crate::wire::sse::{self, Item};
@@ -59,6 +59,9 @@ pub struct MeterConfig {
     pub max_request_body_bytes: Option<usize>,
     /// Largest single SSE event held while parsing (default 1 MiB).
     pub max_event_bytes: Option<usize>,
+    /// Most bytes inflated from one compressed response before the meter
+    /// stops reading it (default 4 x `max_event_bytes`).
+    pub max_inflated_bytes: Option<usize>,
     /// USD per 1M tokens, by model.
     pub prices: BTreeMap<String, PriceConfig>,
     /// Compose the `aigw.access_log` line (default true).
@@ -77,6 +80,7 @@ pub struct Meter {
     identity_encoding: bool,
     max_request_body_bytes: usize,
     max_event_bytes: usize,
+    max_inflated_bytes: usize,
     prices: Prices,
     access_log: bool,
     registry: RefCell<Registry>,
@@ -117,6 +121,15 @@ impl Meter {
                 format!("{max_event_bytes} is outside 1024..=16777216"),
             ));
         }
+        // A budget of inflated bytes bounds what a decompression bomb costs;
+        // a few events' worth is more than any usage-bearing answer needs.
+        let max_inflated_bytes = c.max_inflated_bytes.unwrap_or(4 * max_event_bytes);
+        if !(1024..=(256 << 20)).contains(&max_inflated_bytes) {
+            return Err(ConfigError::new(
+                "max_inflated_bytes",
+                format!("{max_inflated_bytes} is outside 1024..=268435456"),
+            ));
+        }
         let max_series = c.max_metric_series.unwrap_or(4096);
         if max_series == 0 {
             return Err(ConfigError::new("max_metric_series", "must be at least 1"));
@@ -129,6 +142,7 @@ impl Meter {
             identity_encoding: c.identity_encoding.unwrap_or(true),
             max_request_body_bytes,
             max_event_bytes,
+            max_inflated_bytes,
             prices: Prices::compile("prices", &c.prices)?,
             access_log: c.access_log.unwrap_or(true),
             registry: RefCell::new(Registry::new(max_series)),
@@ -166,6 +180,10 @@ pub struct MeterStage {
     status: Option<u16>,
     reading: Reading,
     decoder: Option<Decoder>,
+    /// The compressed body stopped being read (corrupt, or over the budget).
+    inflate_stopped: bool,
+    /// The budget of inflated bytes ran out: what was read is not all there was.
+    over_budget: bool,
     seen: Seen,
     first_byte_ms: Option<u64>,
     last_byte_ms: Option<u64>,
@@ -185,6 +203,8 @@ impl MeterStage {
             status: None,
             reading: Reading::Nothing,
             decoder: None,
+            inflate_stopped: false,
+            over_budget: false,
             seen: Seen::default(),
             first_byte_ms: None,
             last_byte_ms: None,
@@ -249,7 +269,7 @@ impl MeterStage {
             return;
         };
         self.json_done = true;
-        let complete = self.complete;
+        let complete = self.complete && !self.over_budget;
         if let Some(u) = scan.value("usage") {
             if let Ok(Some(w)) = serde_json::from_slice::<Option<WireUsage>>(u) {
                 self.seen.observed.observe(&w, complete);
@@ -277,7 +297,7 @@ impl MeterStage {
         self.seen.observed.resolve(
             api.family,
             api.operation,
-            self.complete,
+            self.complete && !self.over_budget,
             estimate_input,
             estimate_output,
         )
@@ -381,7 +401,7 @@ impl Stage for MeterStage {
         }
         if let Some(enc) = headers.get("content-encoding") {
             if !enc.eq_ignore_ascii_case("identity") {
-                match Decoder::for_encoding(enc) {
+                match Decoder::for_encoding(enc, self.meter.max_inflated_bytes as u64) {
                     Some(d) => self.decoder = Some(d),
                     None => return,
                 }
@@ -427,15 +447,25 @@ impl Stage for MeterStage {
         };
         let out = match self.decoder.take() {
             Some(mut d) => {
-                let mut plain = Vec::new();
-                match d.feed(chunk, |p| plain.extend_from_slice(p)) {
-                    Ok(()) => self.decoder = Some(d),
-                    // Corrupt compression: stop reading, keep passing bytes.
-                    Err(_) => self.reading = Reading::Nothing,
+                // Each inflated piece is read as it comes: a chunk of a
+                // bomb never exists inflated in the VM.
+                match d.feed(chunk, |plain| {
+                    self.read(family, plain, false);
+                }) {
+                    Fed::More => self.decoder = Some(d),
+                    // What was inflated before the corrupt point has been
+                    // read (it often holds the usage); read no further, keep
+                    // passing bytes.
+                    Fed::Corrupt => self.inflate_stopped = true,
+                    Fed::OverBudget => {
+                        self.inflate_stopped = true;
+                        self.over_budget = true;
+                    }
                 }
-                self.read(family, &plain, end_of_stream);
                 None
             }
+            // Compressed bytes the decoder gave up on are not plain text.
+            None if self.inflate_stopped => None,
             None => self.read(family, chunk, end_of_stream),
         };
         if end_of_stream {
@@ -541,7 +571,7 @@ impl Stage for MeterStage {
     }
 
     fn wants_response_body(&self) -> bool {
-        !matches!(self.reading, Reading::Nothing)
+        !matches!(self.reading, Reading::Nothing) && !self.inflate_stopped
     }
 }
 
