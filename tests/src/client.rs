@@ -4,7 +4,7 @@
 //! and hanging up in the middle of one. One request per connection
 //! (`connection: close`), so the end of the response is the end of the socket.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
@@ -131,6 +131,79 @@ pub fn post(
     body: &str,
 ) -> Result<Response, String> {
     send(addr, "POST", path, headers, body.as_bytes())
+}
+
+/// A keep-alive connection, for tests that send many requests quickly.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr) -> Result<Conn, String> {
+        let s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        Ok(Conn {
+            reader: BufReader::new(s),
+        })
+    }
+
+    /// Sends one POST and reads its response (Content-Length or chunked).
+    pub fn post(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Response, String> {
+        let mut req = request_bytes("POST", path, headers, body.as_bytes());
+        // The same request, without the hang-up `request_bytes` asks for.
+        let close = b"connection: close\r\n";
+        if let Some(at) = find(&req, close) {
+            req.drain(at..at + close.len());
+        }
+        let io = |e: std::io::Error| e.to_string();
+        self.reader.get_mut().write_all(&req).map_err(io)?;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = self.reader.read_until(b'\n', &mut head).map_err(io)?;
+            if n == 0 {
+                return Err("connection closed in the headers".into());
+            }
+        }
+        let mut resp = Response::parse(&head)?;
+        if let Some(n) = resp.header("content-length") {
+            let n: usize = n.parse().map_err(|_| format!("bad content-length {n:?}"))?;
+            resp.body = vec![0; n];
+            self.reader.read_exact(&mut resp.body).map_err(io)?;
+        } else {
+            let mut raw = Vec::new();
+            loop {
+                let mut line = Vec::new();
+                self.reader.read_until(b'\n', &mut line).map_err(io)?;
+                let size = std::str::from_utf8(&line).unwrap_or("").trim();
+                let size = usize::from_str_radix(size.split(';').next().unwrap_or(""), 16)
+                    .map_err(|_| format!("bad chunk size {size:?}"))?;
+                raw.extend_from_slice(&line);
+                if size == 0 {
+                    // Trailers, if any, then the empty line.
+                    loop {
+                        let mut t = Vec::new();
+                        self.reader.read_until(b'\n', &mut t).map_err(io)?;
+                        raw.extend_from_slice(&t);
+                        if t == b"\r\n" || t.is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let mut data = vec![0; size + 2];
+                self.reader.read_exact(&mut data).map_err(io)?;
+                raw.extend_from_slice(&data);
+            }
+            resp.body = dechunk(&raw).0;
+        }
+        Ok(resp)
+    }
 }
 
 /// Sends a request, reads the response until its raw bytes contain `until`,

@@ -298,6 +298,14 @@ fn every_api_is_metered_exactly_streaming_or_not() {
         assert!(line["request_id"].is_string(), "{}", c.name);
         assert!(line["duration_ms"].is_u64(), "{}", c.name);
         assert!(line["ttft_ms"].is_u64(), "{}", c.name);
+        if c.provider == "anthropic" {
+            // claude-sonnet-4-5 (envoy/gateway.yaml), per 1M: $3 input, $0.30
+            // cache reads, $3.75 cache writes, $15 output. 1 plain input
+            // token, 2 read, 1 written, 3 output.
+            let want = (3.0 + 2.0 * 0.3 + 3.75 + 3.0 * 15.0) / 1e6;
+            let cost = line["cost_usd"].as_f64().unwrap();
+            assert!((cost - want).abs() < 1e-12, "{}: {cost} != {want}", c.name);
+        }
         // The client still gets a usable answer in the shape it asked for.
         if c.stream {
             let text = resp.text();
@@ -664,6 +672,56 @@ fn metrics_by_model_and_consumer() {
         &[("model", "gpt-4o")]
     )
     .is_some());
+}
+
+#[test]
+fn cost_adds_up_over_many_cheap_requests() {
+    let gw = gateway();
+    let addr = gw.envoy.addr();
+    // gpt-4o-mini at $0.15 / $0.60 per 1M tokens (envoy/gateway.yaml): one
+    // input token is 0.15 micro-dollars. Counted in 1e-4 micro-dollars.
+    let (input_price, output_price) = (1_500u64, 6_000u64);
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+        .to_string();
+    let (threads, per_thread) = (8u64, 125u64);
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut conn = client::Conn::open(addr).unwrap();
+                let mut units = 0;
+                for i in 0..per_thread {
+                    let (input, output) = (1 + (t + i) % 7, 1 + i % 3);
+                    let (p, c) = (input.to_string(), output.to_string());
+                    let headers = [
+                        ("x-aigw-consumer", "penny"),
+                        ("content-type", "application/json"),
+                        ("x-mock-prompt-tokens", p.as_str()),
+                        ("x-mock-chunks", c.as_str()),
+                    ];
+                    let resp = conn.post("/v1/chat/completions", &headers, &body).unwrap();
+                    assert_eq!(resp.status, 200, "{}", resp.text());
+                    units += input * input_price + output * output_price;
+                }
+                units
+            })
+        })
+        .collect();
+    let units: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+    let exact = units as f64 / 10_000.0;
+    let labels = [("model", "gpt-4o-mini"), ("consumer", "penny")];
+    let requests = gw.envoy.metric("aigw_requests_total", &labels);
+    assert_eq!(requests, Some((threads * per_thread) as f64));
+    let counted = gw
+        .envoy
+        .metric("aigw_cost_microdollars_total", &labels)
+        .unwrap();
+    // Whole micro-dollars, the remainder carried: short of the exact sum by
+    // less than one.
+    assert!(
+        counted <= exact && exact - counted < 1.0 && (exact - counted) / exact < 1e-3,
+        "counted {counted} micro-dollars, exactly {exact}"
+    );
 }
 
 #[test]

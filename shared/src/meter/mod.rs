@@ -651,13 +651,16 @@ fn record_metrics(
     ];
     reg.add(host, metric::REQUESTS, &labels, 1);
     if let Some(usd) = cost {
-        let micro = (usd * 1_000_000.0).round();
-        if micro.is_finite() && micro >= 1.0 {
-            reg.add(
+        // Whole micro-dollars, the part below one carried per series, so a
+        // run of 3.3 micro-dollar requests counts 3.3 each, not 3.
+        let parts = (usd * 1e6 * price::PARTS_PER_MICRODOLLAR as f64).round();
+        if parts.is_finite() && parts >= 1.0 {
+            reg.add_fraction(
                 host,
                 metric::COST,
                 &[("model", model), ("consumer", consumer)],
-                micro as u64,
+                parts as u64,
+                price::PARTS_PER_MICRODOLLAR,
             );
         }
     }
