@@ -821,8 +821,9 @@ fn look_alike_paths_are_not_metered_as_llm_calls() {
 
 #[test]
 fn an_unreachable_upstream_gets_an_openai_shaped_error() {
-    let port = aigw_tests::harness::free_port().unwrap();
-    let envoy = Envoy::start("envoy/gateway.yaml", ([127, 0, 0, 1], port).into()).unwrap();
+    // Nothing listens on 127.0.0.254 (all of 127/8 is loopback, only
+    // 127.0.0.1 is used), so no other test can bind this port in between.
+    let envoy = Envoy::start("envoy/gateway.yaml", ([127, 0, 0, 254], 9).into()).unwrap();
     let resp = client::post(
         envoy.addr(),
         "/v1/chat/completions",
