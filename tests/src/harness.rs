@@ -328,6 +328,66 @@ impl Envoy {
     }
 }
 
+const METER_FILTER: &str = "          - name: aigw.token_meter\n";
+const ROUTER_FILTER: &str = "          - name: envoy.filters.http.router\n";
+
+/// The modules other than the meter, in the order DESIGN.md chains them.
+pub const OTHER_MODULES: [&str; 4] = [
+    "content-screen",
+    "rate-limit",
+    "prompt-cache",
+    "model-router",
+];
+
+/// `envoy/gateway.yaml` without its wasm filters: bare Envoy.
+pub fn bare(gateway_yaml: &str) -> Result<String, String> {
+    let start = gateway_yaml
+        .find(METER_FILTER)
+        .ok_or("no token-meter filter in gateway.yaml")?;
+    let end = gateway_yaml
+        .find(ROUTER_FILTER)
+        .ok_or("no router in gateway.yaml")?;
+    Ok(format!(
+        "{}{}",
+        &gateway_yaml[..start],
+        &gateway_yaml[end..]
+    ))
+}
+
+/// `envoy/gateway.yaml` with the four other modules chained below the meter
+/// (the meter stays outermost), each with an empty configuration.
+pub fn all_five(gateway_yaml: &str) -> Result<String, String> {
+    if !gateway_yaml.contains(METER_FILTER) {
+        return Err("no token-meter filter in gateway.yaml".into());
+    }
+    let router = gateway_yaml
+        .find(ROUTER_FILTER)
+        .ok_or("no router in gateway.yaml")?;
+    let mut extra = String::new();
+    for name in OTHER_MODULES {
+        extra.push_str(&format!(
+            "          - name: aigw.{under}
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: {name}
+                failure_policy: FAIL_RELOAD
+                vm_config:
+                  vm_id: aigw-{name}
+                  runtime: envoy.wasm.runtime.v8
+                  code:
+                    local: {{ filename: target/wasm/{name}.wasm }}  # aigw:wasm_dir
+",
+            under = name.replace('-', "_")
+        ));
+    }
+    Ok(format!(
+        "{}{extra}{}",
+        &gateway_yaml[..router],
+        &gateway_yaml[router..]
+    ))
+}
+
 /// Finds a sample in Prometheus text; all given labels must match.
 pub fn parse_sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {

@@ -841,6 +841,50 @@ fn an_unreachable_upstream_gets_an_openai_shaped_error() {
 }
 
 #[test]
+fn all_five_modules_chained_pass_requests_and_meter_them_exactly() {
+    let yaml =
+        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let chained = aigw_tests::harness::all_five(&yaml).unwrap();
+    let mock = MockLlm::start().unwrap();
+    let envoy = Envoy::start_text(&chained, mock.addr()).unwrap();
+    // Every module the build produces is loaded, each in its own VM.
+    let config = envoy.admin("/config_dump");
+    for name in [
+        "token-meter",
+        "content-screen",
+        "rate-limit",
+        "prompt-cache",
+        "model-router",
+    ] {
+        assert!(
+            config.contains(&format!("{name}.wasm")),
+            "{name} is not in the chain"
+        );
+    }
+    for (consumer, body) in [
+        ("five-json", chat(None)),
+        ("five-stream", chat(Some(Value::Null))),
+    ] {
+        let headers = [("x-aigw-consumer", consumer), ("x-mock-chunks", "3")];
+        let through = client::post(envoy.addr(), "/v1/chat/completions", &headers, &body).unwrap();
+        assert_eq!(through.status, 200, "{consumer}: {}", through.text());
+        let direct = client::post(mock.addr(), "/v1/chat/completions", &headers, &body).unwrap();
+        assert_eq!(
+            through.text(),
+            direct.text(),
+            "{consumer}: the answer passes untouched"
+        );
+        assert_usage(
+            &envoy.log_line(consumer).unwrap(),
+            consumer,
+            (4, 3, Some(0), Some(0)),
+        );
+    }
+    let log = envoy.log_text();
+    assert!(!log.contains("invalid configuration"), "{log}");
+}
+
+#[test]
 fn a_bad_configuration_is_refused_with_field_and_reason() {
     let yaml =
         std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
