@@ -14,6 +14,8 @@ pub struct Response {
     pub headers: Vec<(String, String)>,
     /// The body with chunked framing removed (content encoding left as it is).
     pub body: Vec<u8>,
+    /// HTTP/1.1 trailers after a chunked body (names lower-cased).
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Response {
@@ -35,15 +37,16 @@ impl Response {
         let chunked = headers
             .iter()
             .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-        let body = if chunked {
-            dechunk(rest).0
+        let (body, trailers) = if chunked {
+            (dechunk(rest).0, trailers(rest))
         } else {
-            rest.to_vec()
+            (rest.to_vec(), Vec::new())
         };
         Ok(Response {
             status,
             headers,
             body,
+            trailers,
         })
     }
 
@@ -60,6 +63,30 @@ impl Response {
 
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// The trailer fields after the last chunk of a chunked body.
+pub fn trailers(mut raw: &[u8]) -> Vec<(String, String)> {
+    loop {
+        let Some(eol) = find(raw, b"\r\n") else {
+            return Vec::new();
+        };
+        let size_text = std::str::from_utf8(&raw[..eol]).unwrap_or("");
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let Ok(size) = usize::from_str_radix(size_text, 16) else {
+            return Vec::new();
+        };
+        if size == 0 {
+            let rest = String::from_utf8_lossy(&raw[eol + 2..]).into_owned();
+            return rest
+                .split("\r\n")
+                .take_while(|l| !l.is_empty())
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+        }
+        raw = raw.get(eol + 2 + size + 2..).unwrap_or(&[]);
     }
 }
 
@@ -201,6 +228,7 @@ impl Conn {
                 raw.extend_from_slice(&data);
             }
             resp.body = dechunk(&raw).0;
+            resp.trailers = trailers(&raw);
         }
         Ok(resp)
     }
@@ -244,6 +272,14 @@ mod tests {
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-a"), Some("b"));
         assert_eq!(r.body, b"abcde");
+        assert!(r.trailers.is_empty());
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Done: 1\r\nx-b: c d\r\n\r\n";
+        let r = Response::parse(raw).unwrap();
+        assert_eq!(r.body, b"abc");
+        assert_eq!(
+            r.trailers,
+            [("x-done".into(), "1".into()), ("x-b".into(), "c d".into())]
+        );
         assert_eq!(dechunk(b"3\r\nab"), (b"ab".to_vec(), false));
     }
 }
