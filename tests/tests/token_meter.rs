@@ -285,6 +285,7 @@ fn every_api_is_metered_exactly_streaming_or_not() {
         },
     ];
     let gw = gateway();
+    let mut request_ids = std::collections::HashSet::new();
     for (i, c) in cases.iter().enumerate() {
         let consumer = format!("api-{i}");
         let resp = gw.post(c.path, &consumer, &c.knobs, &c.body);
@@ -295,9 +296,24 @@ fn every_api_is_metered_exactly_streaming_or_not() {
         assert_eq!(line["provider"], c.provider, "{}", c.name);
         assert_eq!(line["model"], c.model, "{}", c.name);
         assert_eq!(line["status"], 200, "{}", c.name);
-        assert!(line["request_id"].is_string(), "{}", c.name);
-        assert!(line["duration_ms"].is_u64(), "{}", c.name);
-        assert!(line["ttft_ms"].is_u64(), "{}", c.name);
+        // Envoy's x-request-id: a UUID, one per request.
+        let id = line["request_id"].as_str().unwrap_or_default();
+        assert!(
+            id.len() == 36 && id.bytes().filter(|&b| b == b'-').count() == 4,
+            "{}: {line}",
+            c.name
+        );
+        assert!(request_ids.insert(id.to_string()), "{}: {id} twice", c.name);
+        // The first byte comes before the end (to the millisecond: the two
+        // are read from different clocks, each truncated), and both within
+        // the test's time.
+        let (ttft, duration) = (line["ttft_ms"].as_u64(), line["duration_ms"].as_u64());
+        assert!(
+            ttft.zip(duration)
+                .is_some_and(|(t, d)| t <= d + 1 && d < 10_000),
+            "{}: {line}",
+            c.name
+        );
         if c.provider == "anthropic" {
             // claude-sonnet-4-5 (envoy/gateway.yaml), per 1M: $3 input, $0.30
             // cache reads, $3.75 cache writes, $15 output. 1 plain input
@@ -306,17 +322,10 @@ fn every_api_is_metered_exactly_streaming_or_not() {
             let cost = line["cost_usd"].as_f64().unwrap();
             assert!((cost - want).abs() < 1e-12, "{}: {cost} != {want}", c.name);
         }
-        // The client still gets a usable answer in the shape it asked for.
-        if c.stream {
-            let text = resp.text();
-            assert!(
-                text.contains("w0 ") && text.contains("w2 "),
-                "{}: {text}",
-                c.name
-            );
-        } else {
-            assert!(resp.json().is_object(), "{}", c.name);
-        }
+        // The client gets the answer the upstream gives a client that
+        // calls it directly (the mock is deterministic).
+        let direct = client::post(gw.mock.addr(), c.path, &c.knobs, &c.body).unwrap();
+        assert_eq!(resp.text(), direct.text(), "{}", c.name);
     }
     let lines = gw.envoy.access_log_lines();
     assert_eq!(lines.len(), cases.len(), "one line per request: {lines:?}");
@@ -442,9 +451,16 @@ fn errors_pass_through_and_are_never_usage() {
         };
         let resp = gw.post(path, consumer, knobs, &body);
         assert_eq!(resp.status, *status, "{consumer}");
+        // The provider's error reaches the client as the provider wrote it.
+        let mut direct_headers = vec![("content-type", "application/json")];
+        direct_headers.extend_from_slice(knobs);
+        let direct = client::post(gw.mock.addr(), path, &direct_headers, &body).unwrap();
+        assert_eq!(resp.text(), direct.text(), "{consumer}");
         assert!(
-            resp.json().get("error").is_some(),
-            "{consumer}: the provider's error reaches the client: {}",
+            resp.json()["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{consumer}: {}",
             resp.text()
         );
         let line = gw.line(consumer);
@@ -667,11 +683,28 @@ fn metrics_by_model_and_consumer() {
         ),
         Some(3.0)
     );
-    assert!(m(
-        "gen_ai_server_time_per_output_token_ms_count",
-        &[("model", "gpt-4o")]
-    )
-    .is_some());
+    // Only the streamed request has a time per output token (3 tokens: two gaps).
+    assert_eq!(
+        m(
+            "gen_ai_server_time_per_output_token_ms_count",
+            &[("model", "gpt-4o")]
+        ),
+        Some(1.0)
+    );
+    // The JSON requests have no first token time of their own; Anthropic's
+    // model has its own series.
+    assert_eq!(
+        m(
+            "gen_ai_server_request_duration_ms_count",
+            &[("model", "claude-sonnet-4-5")]
+        ),
+        Some(1.0)
+    );
+    let mut b_provider = b.to_vec();
+    b_provider.push(("usage_source", "provider"));
+    assert_eq!(m("aigw_requests_total", &b_provider), Some(1.0));
+    // claude-sonnet-4-5 at $3 / $15 per 1M: 4 in, 2 out = 42 micro-USD.
+    assert_eq!(m("aigw_cost_microdollars_total", &b), Some(42.0));
 }
 
 #[test]
@@ -833,8 +866,21 @@ fn an_unreachable_upstream_gets_an_openai_shaped_error() {
     .unwrap();
     assert_eq!(resp.status, 503);
     let err = resp.json();
-    assert!(err["error"]["message"].is_string(), "{}", resp.text());
-    assert_eq!(err["error"]["type"], "gateway_error");
+    assert_eq!(err["error"]["type"], "gateway_error", "{}", resp.text());
+    // Envoy's own words for a refused connection, not a made-up message.
+    let code = err["error"]["code"].as_str().unwrap_or_default();
+    assert!(
+        code.starts_with("upstream_reset_before_response_started"),
+        "{}",
+        resp.text()
+    );
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("connection")),
+        "{}",
+        resp.text()
+    );
     let line = envoy.log_line("nobody-home").unwrap();
     assert_eq!(line["status"], 503);
     assert_eq!(line["usage_source"], "none");
