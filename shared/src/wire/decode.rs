@@ -328,6 +328,42 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any bytes, cut anywhere, after a gzip start or not: never a panic,
+        /// never more than the budget, and a valid body's output is always a
+        /// prefix of its text, whole once all of it is fed.
+        #[test]
+        fn any_input_any_cut_is_safe(
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            cut in 0usize..400,
+            split in 1usize..50,
+            budget in 0u64..3000,
+        ) {
+            let text = b"data: {\"usage\":{\"prompt_tokens\":3}}\n\n".repeat(50);
+            let valid = gzip(&text);
+            let cut = cut.min(valid.len());
+            // (input, its output is a prefix of the text, it is all of it)
+            let cases = [
+                (garbage.clone(), false, false),
+                // Bytes after a cut may read as more deflate data: anything
+                // may come out, within the budget.
+                ([&valid[..cut], &garbage[..]].concat(), false, false),
+                (valid[..cut].to_vec(), true, false),
+                (valid.clone(), true, true),
+            ];
+            for (input, prefix, whole) in cases {
+                let (out, fed) = inflate("gzip", budget, &input, split);
+                proptest::prop_assert!(out.len() as u64 <= budget);
+                if prefix {
+                    proptest::prop_assert!(text.starts_with(&out));
+                }
+                if whole && budget > text.len() as u64 {
+                    proptest::prop_assert_eq!((out.len(), fed), (text.len(), Fed::More));
+                }
+            }
+        }
+    }
+
     #[test]
     fn not_gzip_is_corrupt_not_a_panic() {
         let cases: &[&[u8]] = &[
