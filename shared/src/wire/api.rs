@@ -92,16 +92,18 @@ pub fn classify(method: &str, path: &str) -> Option<Api> {
         (&["embeddings"], Operation::Embeddings),
         (&["messages"], Operation::Messages),
     ];
-    let segments: Vec<&str> = path.split('/').collect();
+    // The last four segments, last first ("" where the path has fewer).
+    let mut rev = path.rsplit('/');
+    let last: [&str; 4] = std::array::from_fn(|_| rev.next().unwrap_or(""));
     table.iter().find_map(|&(tail, operation)| {
-        let at = segments.len().checked_sub(tail.len() + 1)?;
-        if segments[at] != "v1" || segments[at + 1..] != *tail {
+        let n = tail.len();
+        if last[n] != "v1" || !tail.iter().rev().eq(last[..n].iter()) {
             return None;
         }
         let family = match operation {
             Operation::Messages => Family::Anthropic,
             // Azure's v1 API (`/openai/v1/...`) names the model in the body.
-            _ if at > 0 && segments[at - 1] == "openai" => Family::Azure,
+            _ if last.get(n + 1) == Some(&"openai") => Family::Azure,
             _ => Family::OpenAi,
         };
         Some(Api {
