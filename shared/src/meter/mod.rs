@@ -9,8 +9,10 @@
 //!
 //! On the response side it reads without holding anything back: SSE through
 //! the incremental parser, JSON through the top-level scanner, gzip through a
-//! side decoder; error statuses are not read at all. Memory per stream is the
-//! parser's bound, whatever the response's length.
+//! side decoder that hands over its output in small pieces and stops at a
+//! budget of inflated bytes (`max_inflated_bytes`); error statuses are not
+//! read at all. Memory per stream is the parser's bound plus one decoded
+//! piece, whatever the response's length or compression ratio.
 //!
 //! In the log phase it decides the usage (provider, estimated or none; see
 //! `usage.rs`), prices it, records the metrics, publishes the usage fact and
