@@ -292,6 +292,14 @@ fn every_api_is_metered_exactly_streaming_or_not() {
         assert_eq!(resp.status, 200, "{}: {}", c.name, resp.text());
         let line = gw.line(&consumer);
         assert_usage(&line, c.name, c.want);
+        if c.provider != "anthropic" {
+            // Only Anthropic reports cache writes.
+            assert!(
+                line["cache_write_input_tokens"].is_null(),
+                "{}: {line}",
+                c.name
+            );
+        }
         assert_eq!(line["stream"], c.stream, "{}", c.name);
         assert_eq!(line["provider"], c.provider, "{}", c.name);
         assert_eq!(line["model"], c.model, "{}", c.name);
@@ -319,6 +327,7 @@ fn every_api_is_metered_exactly_streaming_or_not() {
             // cache reads, $3.75 cache writes, $15 output. 1 plain input
             // token, 2 read, 1 written, 3 output.
             let want = (3.0 + 2.0 * 0.3 + 3.75 + 3.0 * 15.0) / 1e6;
+            assert_eq!(line["cache_write_input_tokens"], 1, "{}: {line}", c.name);
             let cost = line["cost_usd"].as_f64().unwrap();
             assert!((cost - want).abs() < 1e-12, "{}: {cost} != {want}", c.name);
         }
@@ -622,7 +631,7 @@ fn metrics_by_model_and_consumer() {
         &[("x-mock-chunks", "3"), ("x-mock-ttft-ms", "30")],
         &chat(Some(Value::Null)),
     );
-    gw.post("/v1/messages", "metrics-b", &[("x-mock-chunks", "2")], &json!({"model": "claude-sonnet-4-5", "max_tokens": 9, "messages": [{"role": "user", "content": PROMPT}]}).to_string());
+    gw.post("/v1/messages", "metrics-b", &[("x-mock-chunks", "2"), ("x-mock-cache-creation-tokens", "1")], &json!({"model": "claude-sonnet-4-5", "max_tokens": 9, "messages": [{"role": "user", "content": PROMPT}]}).to_string());
     gw.line("metrics-b");
     let m = |name: &str, labels: &[(&str, &str)]| gw.envoy.metric(name, labels);
     let a = [("model", "gpt-4o"), ("consumer", "metrics-a")];
@@ -637,6 +646,12 @@ fn metrics_by_model_and_consumer() {
     let b = [("model", "claude-sonnet-4-5"), ("consumer", "metrics-b")];
     assert_eq!(tokens(&b, "input"), Some(4.0));
     assert_eq!(tokens(&b, "output"), Some(2.0));
+    assert_eq!(tokens(&b, "cache_write_input"), Some(1.0));
+    assert_eq!(
+        tokens(&a, "cache_write_input"),
+        None,
+        "OpenAI reports no cache writes"
+    );
     let mut provider = a.to_vec();
     provider.push(("usage_source", "provider"));
     assert_eq!(m("aigw_requests_total", &provider), Some(3.0));
@@ -703,7 +718,8 @@ fn metrics_by_model_and_consumer() {
     let mut b_provider = b.to_vec();
     b_provider.push(("usage_source", "provider"));
     assert_eq!(m("aigw_requests_total", &b_provider), Some(1.0));
-    // claude-sonnet-4-5 at $3 / $15 per 1M: 4 in, 2 out = 42 micro-USD.
+    // claude-sonnet-4-5 at $3 / $3.75 cache writes / $15 per 1M: 3 plain
+    // in, 1 written, 2 out = 42.75 micro-USD; the 0.75 is carried.
     assert_eq!(m("aigw_cost_microdollars_total", &b), Some(42.0));
 }
 

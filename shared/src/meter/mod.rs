@@ -555,6 +555,7 @@ impl Stage for MeterStage {
                 output_tokens: usage.output_tokens,
                 total_tokens: usage.total_tokens(),
                 cached_input_tokens: usage.cached_input_tokens,
+                cache_write_input_tokens: usage.cache_write_input_tokens,
                 reasoning_tokens: usage.reasoning_tokens,
                 usage_source: usage.source.as_str(),
                 cost_usd: cost,
@@ -631,6 +632,7 @@ fn record_metrics(
         ("input", usage.input_tokens),
         ("output", usage.output_tokens),
         ("cached_input", usage.cached_input_tokens),
+        ("cache_write_input", usage.cache_write_input_tokens),
         ("reasoning", usage.reasoning_tokens),
     ];
     for (token_type, n) in by_type {
