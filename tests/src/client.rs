@@ -38,7 +38,8 @@ impl Response {
             .iter()
             .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
         let (body, trailers) = if chunked {
-            (dechunk(rest).0, trailers(rest))
+            let (data, _, trailers) = walk_chunks(rest);
+            (data, trailers)
         } else {
             (rest.to_vec(), Vec::new())
         };
@@ -66,49 +67,37 @@ impl Response {
     }
 }
 
-/// The trailer fields after the last chunk of a chunked body.
-pub fn trailers(mut raw: &[u8]) -> Vec<(String, String)> {
+/// Removes chunked framing; returns the data and whether the final chunk was seen.
+pub fn dechunk(raw: &[u8]) -> (Vec<u8>, bool) {
+    let (data, complete, _) = walk_chunks(raw);
+    (data, complete)
+}
+
+/// A chunked body's data, whether its last chunk was seen, and its trailers.
+fn walk_chunks(mut raw: &[u8]) -> (Vec<u8>, bool, Vec<(String, String)>) {
+    let mut out = Vec::new();
     loop {
         let Some(eol) = find(raw, b"\r\n") else {
-            return Vec::new();
+            return (out, false, Vec::new());
         };
         let size_text = std::str::from_utf8(&raw[..eol]).unwrap_or("");
         let size_text = size_text.split(';').next().unwrap_or("").trim();
         let Ok(size) = usize::from_str_radix(size_text, 16) else {
-            return Vec::new();
+            return (out, false, Vec::new());
         };
+        let start = eol + 2;
         if size == 0 {
-            let rest = String::from_utf8_lossy(&raw[eol + 2..]).into_owned();
-            return rest
+            let trailers = String::from_utf8_lossy(&raw[start..])
                 .split("\r\n")
                 .take_while(|l| !l.is_empty())
                 .filter_map(|l| l.split_once(':'))
                 .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
                 .collect();
+            return (out, true, trailers);
         }
-        raw = raw.get(eol + 2 + size + 2..).unwrap_or(&[]);
-    }
-}
-
-/// Removes chunked framing; returns the data and whether the final chunk was seen.
-pub fn dechunk(mut raw: &[u8]) -> (Vec<u8>, bool) {
-    let mut out = Vec::new();
-    loop {
-        let Some(eol) = find(raw, b"\r\n") else {
-            return (out, false);
-        };
-        let size_text = std::str::from_utf8(&raw[..eol]).unwrap_or("");
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let Ok(size) = usize::from_str_radix(size_text, 16) else {
-            return (out, false);
-        };
-        if size == 0 {
-            return (out, true);
-        }
-        let start = eol + 2;
         if raw.len() < start + size {
             out.extend_from_slice(&raw[start..]);
-            return (out, false);
+            return (out, false, Vec::new());
         }
         out.extend_from_slice(&raw[start..start + size]);
         raw = raw.get(start + size + 2..).unwrap_or(&[]);
@@ -227,8 +216,7 @@ impl Conn {
                 self.reader.read_exact(&mut data).map_err(io)?;
                 raw.extend_from_slice(&data);
             }
-            resp.body = dechunk(&raw).0;
-            resp.trailers = trailers(&raw);
+            (resp.body, _, resp.trailers) = walk_chunks(&raw);
         }
         Ok(resp)
     }
