@@ -8,7 +8,7 @@
 //! Envoy's own CPU time per request (from /proc, so the load generator and
 //! the mock, which share the machine, do not count). Run by scripts/bench.sh.
 
-use aigw_tests::harness::{root, Envoy};
+use aigw_tests::harness::{all_five, bare, root, Envoy};
 use aigw_tests::mock::MockLlm;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -51,49 +51,6 @@ fn parse_opts() -> Result<Opts, String> {
         return Err("--seconds, --connections and --repeat must be at least 1".into());
     }
     Ok(opts)
-}
-
-const FILTER_START: &str = "          - name: aigw.token_meter\n";
-const ROUTER: &str = "          - name: envoy.filters.http.router\n";
-
-/// gateway.yaml without its wasm filters.
-fn bare(yaml: &str) -> Result<String, String> {
-    let start = yaml
-        .find(FILTER_START)
-        .ok_or("no token-meter filter in gateway.yaml")?;
-    let end = yaml.find(ROUTER).ok_or("no router in gateway.yaml")?;
-    Ok(format!("{}{}", &yaml[..start], &yaml[end..]))
-}
-
-/// gateway.yaml with the four other modules (pass-through shells today) chained above the meter.
-fn all_five(yaml: &str) -> Result<String, String> {
-    let start = yaml
-        .find(FILTER_START)
-        .ok_or("no token-meter filter in gateway.yaml")?;
-    let mut extra = String::new();
-    for name in [
-        "content-screen",
-        "rate-limit",
-        "prompt-cache",
-        "model-router",
-    ] {
-        extra.push_str(&format!(
-            "          - name: aigw.{under}
-            typed_config:
-              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: {name}
-                failure_policy: FAIL_RELOAD
-                vm_config:
-                  vm_id: aigw-{name}
-                  runtime: envoy.wasm.runtime.v8
-                  code:
-                    local: {{ filename: target/wasm/{name}.wasm }}  # aigw:wasm_dir
-",
-            under = name.replace('-', "_")
-        ));
-    }
-    Ok(format!("{}{extra}{}", &yaml[..start], &yaml[start..]))
 }
 
 /// Pins every thread of a process to the given CPUs, so that Envoy has a
@@ -240,7 +197,9 @@ fn instructions(
     dir: &std::path::Path,
 ) -> Result<f64, String> {
     let mut r = BufReader::new(TcpStream::connect(envoy.addr()).map_err(|e| e.to_string())?);
-    for _ in 0..50 {
+    // Long enough for V8 to have compiled the module's hot code: its
+    // compiler's instructions would otherwise count against the requests.
+    for _ in 0..300 {
         if exchange(&mut r, request)? != 200 {
             return Err("warm-up request failed".into());
         }
