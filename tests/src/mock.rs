@@ -20,7 +20,9 @@
 //! (`lf|crlf|cr`), `x-mock-sse-extras`, `x-mock-gzip` (`force|off`; otherwise
 //! gzip follows `accept-encoding`), `x-mock-response-model`,
 //! `x-mock-trailers: 1` (the answer, JSON or SSE, is sent chunked and ends
-//! with the HTTP/1.1 trailer `x-mock-done: 1`, announced by `trailer:`).
+//! with the HTTP/1.1 trailer `x-mock-done: 1`, announced by `trailer:`),
+//! `x-mock-sse-tail: 1` (a stream ends with an unterminated event,
+//! `data: {"partial":true}` and no blank line: bytes a reader must hold).
 //! A knob with a bad value is a 400, so a typo cannot silently test the
 //! default.
 //!
@@ -497,6 +499,7 @@ struct Knobs {
     gzip_members: usize,
     gzip_corrupt: bool,
     trailers: bool,
+    sse_tail: bool,
     prompt_tokens: Option<u64>,
     reasoning: u64,
     cached: u64,
@@ -522,6 +525,7 @@ impl Default for Knobs {
             gzip_members: 1,
             gzip_corrupt: false,
             trailers: false,
+            sse_tail: false,
             prompt_tokens: None,
             reasoning: 0,
             cached: 0,
@@ -628,6 +632,7 @@ impl Knobs {
             gzip_members,
             gzip_corrupt,
             trailers: bool_knob(h, "x-mock-trailers")?,
+            sse_tail: bool_knob(h, "x-mock-sse-tail")?,
             prompt_tokens: num_knob(h, "x-mock-prompt-tokens")?,
             reasoning: num_knob(h, "x-mock-reasoning-tokens")?.unwrap_or(0),
             cached: num_knob(h, "x-mock-cached-tokens")?.unwrap_or(0),
@@ -1698,6 +1703,9 @@ fn write_reply(
                 if knobs.abort_after == Some(i + 1) {
                     return abort(sink.out);
                 }
+            }
+            if knobs.sse_tail {
+                sink.send(&enc.push(br#"data: {"partial":true}"#)?)?;
             }
             let tail = if knobs.gzip_corrupt {
                 enc.finish_corrupt()?

@@ -904,8 +904,7 @@ fn an_unreachable_upstream_gets_an_openai_shaped_error() {
 
 #[test]
 fn all_five_modules_chained_pass_requests_and_meter_them_exactly() {
-    let yaml =
-        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let yaml = aigw_tests::harness::gateway_yaml();
     let chained = aigw_tests::harness::all_five(&yaml).unwrap();
     let mock = MockLlm::start().unwrap();
     let envoy = Envoy::start_text(&chained, mock.addr()).unwrap();
@@ -981,18 +980,27 @@ fn trailer_cases() -> Vec<(&'static str, String)> {
 }
 
 fn send_for_trailers(envoy: &Envoy, consumer: &str, body: &str) -> Response {
-    let headers = [
+    send_for_trailers_with(envoy, consumer, body, &[])
+}
+
+fn send_for_trailers_with(
+    envoy: &Envoy,
+    consumer: &str,
+    body: &str,
+    knobs: &[(&str, &str)],
+) -> Response {
+    let mut headers = vec![
         ("x-aigw-consumer", consumer),
         ("x-mock-trailers", "1"),
         ("x-mock-chunks", "3"),
     ];
+    headers.extend_from_slice(knobs);
     client::post(envoy.addr(), "/v1/chat/completions", &headers, body).unwrap()
 }
 
 #[test]
 fn upstream_trailers_reach_the_client_when_enabled() {
-    let yaml =
-        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let yaml = aigw_tests::harness::gateway_yaml();
     let mock = MockLlm::start().unwrap();
     let (name, value) = aigw_tests::mock::TRAILER;
     let want = vec![(name.to_string(), value.to_string())];
@@ -1017,31 +1025,51 @@ fn upstream_trailers_reach_the_client_when_enabled() {
     }
 }
 
-/// Passes today: the mock's stream ends on an event boundary, so the meter
-/// holds nothing back when the trailers come. (A stream cut mid-event
-/// before its trailers would lose the held bytes: `host.rs` cannot flush
-/// them from the trailers callback; that fix is its own work.)
+/// The meter rewrites the stream (it removes the usage it asked for), so it
+/// holds back the bytes of an event until it has seen all of it; a stream
+/// that ends with an unterminated event leaves them held. After the last body piece
+/// only the trailers come, and Envoy lets a filter add body bytes there only
+/// into a buffer it paused on: the shell keeps a piece in Envoy's buffer
+/// while the stage holds bytes, so nothing is lost.
 #[test]
 fn upstream_trailers_reach_the_client_when_the_meter_rewrites() {
-    let yaml =
-        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let yaml = aigw_tests::harness::gateway_yaml();
     let mock = MockLlm::start().unwrap();
     let envoy = Envoy::start_text(&with_trailers(&yaml), mock.addr()).unwrap();
     // A stream that did not ask for usage: the meter injects it and removes
     // it again on the way back, rewriting the body.
     let body = chat(Some(Value::Null));
-    let resp = send_for_trailers(&envoy, "trailer-rewritten", &body);
-    assert_eq!(resp.status, 200, "{}", resp.text());
-    let knobs = [("x-mock-trailers", "1"), ("x-mock-chunks", "3")];
-    let direct = client::post(mock.addr(), "/v1/chat/completions", &knobs, &body).unwrap();
-    assert_eq!(resp.text(), direct.text());
     let (name, value) = aigw_tests::mock::TRAILER;
-    assert_eq!(resp.trailers, [(name.to_string(), value.to_string())]);
-    assert_usage(
-        &envoy.log_line("trailer-rewritten").unwrap(),
-        "rewritten with trailers",
-        (4, 3, Some(0), Some(0)),
-    );
+    for (newline, tail) in [
+        ("lf", "0"),
+        ("crlf", "0"),
+        ("cr", "0"),
+        ("lf", "1"),
+        ("crlf", "1"),
+    ] {
+        let consumer = format!("trailer-rewritten-{newline}-{tail}");
+        let extra = [("x-mock-newline", newline), ("x-mock-sse-tail", tail)];
+        let resp = send_for_trailers_with(&envoy, &consumer, &body, &extra);
+        assert_eq!(resp.status, 200, "{newline}: {}", resp.text());
+        let knobs = [
+            ("x-mock-trailers", "1"),
+            ("x-mock-chunks", "3"),
+            ("x-mock-newline", newline),
+            ("x-mock-sse-tail", tail),
+        ];
+        let direct = client::post(mock.addr(), "/v1/chat/completions", &knobs, &body).unwrap();
+        assert_eq!(resp.text(), direct.text(), "{newline}: every byte arrives");
+        assert_eq!(
+            resp.trailers,
+            [(name.to_string(), value.to_string())],
+            "{newline}"
+        );
+        assert_usage(
+            &envoy.log_line(&consumer).unwrap(),
+            newline,
+            (4, 3, Some(0), Some(0)),
+        );
+    }
 }
 
 #[test]
