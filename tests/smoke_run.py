@@ -124,11 +124,17 @@ def main():
             check(f"{consumer}: exact tokens as the upstream reported", got == want and None not in want,
                   f"got {got}, want {want}")
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
-            metrics = r.read().decode()
+        # The meter hands its counters to Envoy once a second.
         for consumer in ("smoke-json", "smoke-stream"):
             series = f'aigw_tokens_total{{model="gpt-4o-mini",consumer="{consumer}",token_type="output"}}'
-            value = next((l.split()[-1] for l in metrics.splitlines() if l.startswith(series)), None)
+            value = None
+            for _ in range(50):
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
+                    metrics = r.read().decode()
+                value = next((l.split()[-1] for l in metrics.splitlines() if l.startswith(series)), None)
+                if value is not None and float(value) == reported.get("completion_tokens"):
+                    break
+                time.sleep(0.1)
             check(f"{consumer}: output tokens in Prometheus by model and consumer",
                   value is not None and float(value) == reported.get("completion_tokens"), value)
     finally:

@@ -430,10 +430,14 @@ impl Filter for Bundle {
     }
 
     fn tick_ms(&self) -> Option<u64> {
-        None
+        self.meter.as_ref().and_then(|m| m.tick_ms())
     }
 
-    fn tick(&self, _env: &mut RootEnv<'_>) {}
+    fn tick(&self, env: &mut RootEnv<'_>) {
+        if let Some(m) = &self.meter {
+            m.tick(env);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -388,6 +388,21 @@ impl Envoy {
         }
     }
 
+    /// Waits (up to 5 s) until a sample reads `want` and returns what it
+    /// last read: the meter hands its counters to Envoy on a 1 s timer, so
+    /// a counter catches up with the requests within a second. Once one
+    /// counter of a worker has caught up, that worker's others have too.
+    pub fn metric_eventually(&self, name: &str, labels: &[(&str, &str)], want: f64) -> Option<f64> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = self.metric(name, labels);
+            if got == Some(want) || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The value of a Prometheus sample: metric name and `label="value"` pairs that must all match.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         parse_sample(&self.admin("/stats/prometheus"), name, labels)

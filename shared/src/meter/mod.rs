@@ -24,7 +24,7 @@ pub mod price;
 use crate::config::{self, ConfigError};
 use crate::facts;
 use crate::metrics::{self, Registry};
-use crate::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, Stage, Step};
+use crate::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, RootEnv, Stage, Step};
 use crate::wire::api::{self, Api, Family, Operation};
 use crate::wire::decode::{Decoder, Fed};
 use crate::wire::json_scan::TopLevel;
@@ -70,6 +70,9 @@ pub struct MeterConfig {
     pub access_log: Option<bool>,
     /// Distinct metric series per VM before model and consumer fold into `other` (default 4096).
     pub max_metric_series: Option<usize>,
+    /// How often counters kept in VM memory are handed to Envoy, in ms
+    /// (default 1000; 0: on every request).
+    pub metrics_flush_ms: Option<u64>,
 }
 
 /// The compiled configuration, shared by every request of a VM.
@@ -86,6 +89,7 @@ pub struct Meter {
     prices: Prices,
     access_log: bool,
     registry: RefCell<Registry>,
+    metrics_flush_ms: u64,
 }
 
 pub const DEFAULT_CONSUMER_HEADER: &str = "x-aigw-consumer";
@@ -132,6 +136,13 @@ impl Meter {
                 format!("{max_inflated_bytes} is outside 1024..=268435456"),
             ));
         }
+        let metrics_flush_ms = c.metrics_flush_ms.unwrap_or(1000);
+        if metrics_flush_ms > 60_000 {
+            return Err(ConfigError::new(
+                "metrics_flush_ms",
+                format!("{metrics_flush_ms} is above 60000 (a minute)"),
+            ));
+        }
         let max_series = c.max_metric_series.unwrap_or(4096);
         if max_series == 0 {
             return Err(ConfigError::new("max_metric_series", "must be at least 1"));
@@ -147,7 +158,12 @@ impl Meter {
             max_inflated_bytes,
             prices: Prices::compile("prices", &c.prices)?,
             access_log: c.access_log.unwrap_or(true),
-            registry: RefCell::new(Registry::new(max_series)),
+            registry: RefCell::new(if metrics_flush_ms == 0 {
+                Registry::new(max_series)
+            } else {
+                Registry::buffered(max_series)
+            }),
+            metrics_flush_ms,
         })
     }
 }
@@ -162,6 +178,17 @@ impl Filter for Meter {
 
     fn stage(meter: &Rc<Self>) -> MeterStage {
         MeterStage::new(Rc::clone(meter))
+    }
+
+    fn tick_ms(&self) -> Option<u64> {
+        (self.metrics_flush_ms > 0).then_some(self.metrics_flush_ms)
+    }
+
+    /// Hands the counters kept in VM memory to Envoy.
+    fn tick(&self, env: &mut RootEnv<'_>) {
+        if let Ok(mut registry) = self.registry.try_borrow_mut() {
+            registry.flush(env.metrics);
+        }
     }
 }
 

@@ -138,6 +138,8 @@ fn run_with(meter: &Rc<Meter>, ex: Exchange<'_>, mut state: FakeFilterState) -> 
             route_name: Some("llm".into()),
         },
     );
+    // As the filter's timer tick does: counters reach the host on a flush.
+    meter.registry.borrow_mut().flush(&mut metrics);
     Run {
         state,
         metrics,
