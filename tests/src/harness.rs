@@ -70,6 +70,15 @@ fn wrapper() -> Option<Vec<String>> {
     (!words.is_empty()).then_some(words)
 }
 
+/// Envoy's worker threads: 1, or `AIGW_CONCURRENCY` (the benchmark's memory
+/// row runs 2).
+fn concurrency() -> String {
+    std::env::var("AIGW_CONCURRENCY")
+        .ok()
+        .filter(|c| c.parse::<u32>().is_ok_and(|n| (1..=64).contains(&n)))
+        .unwrap_or_else(|| "1".to_string())
+}
+
 fn envoy_command(envoy: &Path) -> Command {
     match wrapper() {
         Some(words) => {
@@ -257,7 +266,7 @@ impl Envoy {
         let child = envoy_command(&envoy)
             .arg("-c")
             .arg(&config)
-            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .args(["--concurrency", &concurrency(), "--disable-hot-restart"])
             .args(["--file-flush-interval-msec", "100"])
             .arg("--admin-address-path")
             .arg(&admin_address_file)
