@@ -19,6 +19,7 @@
 //! composes the access-log line.
 
 pub mod access_log;
+pub mod presence;
 pub mod price;
 
 use crate::config::{self, ConfigError};
@@ -32,6 +33,7 @@ use crate::wire::request::{self, RequestFacts, TextLen};
 use crate::wire::sse::{self, Item};
 use crate::wire::usage::{estimate_tokens, Observed, Usage, UsageSource, WireUsage};
 use access_log::Line;
+use presence::{Presence, Writer};
 use price::{PriceConfig, Prices};
 use serde::Deserialize;
 use std::borrow::Cow;
@@ -90,6 +92,7 @@ pub struct Meter {
     access_log: bool,
     registry: RefCell<Registry>,
     metrics_flush_ms: u64,
+    presence: Presence,
 }
 
 pub const DEFAULT_CONSUMER_HEADER: &str = "x-aigw-consumer";
@@ -164,6 +167,7 @@ impl Meter {
                 Registry::buffered(max_series)
             }),
             metrics_flush_ms,
+            presence: Presence::default(),
         })
     }
 }
@@ -233,6 +237,8 @@ pub struct MeterStage {
     json_done: bool,
     /// The usage, once published (when the answer ended, or at log time).
     published: Option<Usage>,
+    /// This request looks for every other filter's facts (see `presence`).
+    probing: bool,
 }
 
 impl MeterStage {
@@ -255,7 +261,27 @@ impl MeterStage {
             complete: false,
             json_done: false,
             published: None,
+            probing: false,
         }
+    }
+
+    /// Reads another filter's fact if this VM has seen that filter publish
+    /// (or this request looks for it), and notes what it finds.
+    fn fact<T>(
+        &self,
+        w: Writer,
+        get: impl FnOnce(&dyn crate::boundary::FilterState) -> Option<T>,
+        env: &Env<'_>,
+    ) -> Option<T> {
+        let presence = &self.meter.presence;
+        if !presence.wants(w, self.probing) {
+            return None;
+        }
+        let v = get(&*env.state);
+        if v.is_some() {
+            presence.saw(w);
+        }
+        v
     }
 
     fn wants_injection(&self, api: &Api, r: &RequestFacts) -> bool {
@@ -371,8 +397,11 @@ impl Stage for MeterStage {
         end_of_stream: bool,
     ) -> Step {
         self.start_ms = Some(env.clock.now_ms());
-        self.consumer = facts::text(env.state, facts::CONSUMER).or_else(|| {
-            let v = headers.get(&self.meter.consumer_header)?.trim();
+        self.probing = self.meter.presence.begin();
+        // Only a filter above the meter can have named the caller by now;
+        // one below does it later, and the log phase reads it then.
+        self.consumer = headers.get(&self.meter.consumer_header).and_then(|v| {
+            let v = v.trim();
             (!v.is_empty()).then(|| v.chars().take(MAX_CONSUMER).collect())
         });
         self.api = api::classify(
@@ -392,7 +421,8 @@ impl Stage for MeterStage {
         if end_of_stream {
             return Step::Continue;
         }
-        if let Some(r) = facts::request(env.state) {
+        let above = self.fact(Writer::Above, |s| facts::request(s), env);
+        if let Some(r) = above {
             let needs_body = self.wants_injection(&api, &r);
             self.request = Some(r);
             if !needs_body {
@@ -582,9 +612,13 @@ impl MeterStage {
         let status = input.status.or(self.status);
         // A filter after this one (rate-limit's identity) may have named the
         // caller since the request headers passed: its word wins.
-        if let Some(c) = facts::text(env.state, facts::CONSUMER) {
+        if let Some(c) = self.fact(Writer::Identity, |s| facts::text(s, facts::CONSUMER), env) {
             self.consumer = Some(c);
         }
+        let routed = self.fact(Writer::Router, |s| facts::text(s, facts::ROUTE), env);
+        let by_router = |key: &str| routed.as_ref().and_then(|_| facts::text(&*env.state, key));
+        let routed_model = by_router(facts::MODEL);
+        let routed_provider = by_router(facts::PROVIDER);
         let usage = self.publish_usage(env, status);
         let meter = Rc::clone(&self.meter);
 
@@ -597,9 +631,9 @@ impl MeterStage {
             .seen
             .model
             .clone()
-            .or_else(|| facts::text(env.state, facts::MODEL))
+            .or(routed_model)
             .or_else(|| model_requested.clone());
-        let provider = facts::text(env.state, facts::PROVIDER)
+        let provider = routed_provider
             .or_else(|| meter.provider.clone())
             .or_else(|| self.api.as_ref().map(|a| a.family.name().to_string()));
         let cost = match usage.source {
@@ -649,7 +683,7 @@ impl MeterStage {
                 operation: self.api.as_ref().map(|a| operation_name(a.operation)),
                 model_requested,
                 model,
-                route: facts::text(env.state, facts::ROUTE).or_else(|| input.route_name.clone()),
+                route: routed.or_else(|| input.route_name.clone()),
                 status,
                 stream,
                 input_tokens: usage.input_tokens,
@@ -660,9 +694,21 @@ impl MeterStage {
                 reasoning_tokens: usage.reasoning_tokens,
                 usage_source: usage.source.as_str(),
                 cost_usd: cost,
-                cache: facts::outcome(env.state, facts::CACHE, facts::CACHE_OUTCOMES),
-                ratelimit: facts::outcome(env.state, facts::RATELIMIT, facts::RATELIMIT_OUTCOMES),
-                screen: facts::outcome(env.state, facts::SCREEN, facts::SCREEN_OUTCOMES),
+                cache: self.fact(
+                    Writer::Cache,
+                    |s| facts::outcome(s, facts::CACHE, facts::CACHE_OUTCOMES),
+                    env,
+                ),
+                ratelimit: self.fact(
+                    Writer::RateLimit,
+                    |s| facts::outcome(s, facts::RATELIMIT, facts::RATELIMIT_OUTCOMES),
+                    env,
+                ),
+                screen: self.fact(
+                    Writer::Screen,
+                    |s| facts::outcome(s, facts::SCREEN, facts::SCREEN_OUTCOMES),
+                    env,
+                ),
                 duration_ms,
                 ttft_ms,
             };
