@@ -734,6 +734,12 @@ impl<S: Stage> HttpContext for StageHttp<S> {
                     }
                 }
             }
+            if let (true, Some(status)) = (self.response_headers_held, self.stage.response_status())
+            {
+                if let Some(h) = &mut self.response_headers {
+                    h.set(":status", status.to_string());
+                }
+            }
             self.flush_response_headers();
             self.response_headers_held = false;
             return Action::Continue;

@@ -1,0 +1,509 @@
+//! The content-screen stage: PII, secrets, prompt injection and denied terms,
+//! in prompts and in answers (streamed ones included), and context budgets.
+//!
+//! It decides, for each request: whether it is within the budget (body
+//! bytes, messages, estimated prompt tokens); whether any screened text
+//! (the messages of the configured roles, not the JSON around them) holds a
+//! value a detector blocks, redacts or only logs; and the same for the
+//! answer. A block on the request is a 400 `content_filter` error naming the
+//! detectors; a redaction rewrites the body (the headers are held so the
+//! shell fixes Content-Length). A non-streamed answer is read whole before
+//! the client sees a byte; a streamed one is rewritten event by event, with
+//! the text of each event's delta replaced by what is final so far: only the
+//! tail that could still start a match is held back (see `detect.rs`), so a
+//! value split across any chunk or event boundary is still caught, memory is
+//! bounded, and the SSE framing is kept. A block mid-stream ends the stream
+//! with an error event in the provider's own format.
+//!
+//! Nothing matched is ever logged, put in a header or a metric label: the
+//! verdict (`aigw.screen`), the metrics and the errors carry detector names
+//! and counts only.
+
+pub mod body;
+pub mod config;
+pub mod detect;
+pub mod inject;
+pub mod stream;
+pub mod text;
+
+use crate::config::ConfigError;
+use crate::facts;
+use crate::metrics::Registry;
+use crate::stage::{
+    Chunk, Env, Filter, Headers, LogInput, Reply, RequestBody, Stage, Step, DEFAULT_MAX_BODY,
+};
+use crate::wire::api::{self, Api};
+use crate::wire::usage::estimate_tokens;
+use config::{Compiled, Redaction};
+use detect::{Action, Found};
+use serde_json::Value;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use stream::SseScreen;
+use text::Normalized;
+
+/// Metric names.
+pub mod metric {
+    /// Values found, by detector, action and direction.
+    pub const FINDINGS: &str = "aigw_screen_findings_total";
+    /// Requests by verdict (`screen` label: pass, redact, block).
+    pub const REQUESTS: &str = "aigw_screen_requests_total";
+}
+
+/// The loaded filter: compiled detectors and the metric registry.
+#[derive(Debug)]
+pub struct Screen {
+    pub c: Compiled,
+    registry: RefCell<Registry>,
+}
+
+impl Screen {
+    pub fn from_json(bytes: &[u8]) -> Result<Screen, ConfigError> {
+        let c = Compiled::from_json(bytes)?;
+        let registry = RefCell::new(Registry::new(c.max_metric_series));
+        Ok(Screen { c, registry })
+    }
+
+    /// Screens one whole text; the redacted text when it changed.
+    pub fn screen_text(&self, original: &str, dir: Direction, tally: &mut Tally) -> Option<String> {
+        if self.c.scanner.is_empty() || original.is_empty() {
+            return None;
+        }
+        let n = Normalized::new(original);
+        let scan = self.c.scanner.scan(&n.text, 0, true);
+        if scan.found.is_empty() {
+            return None;
+        }
+        let out = self.apply(original, &n, &scan.found, 0, original.len(), dir, tally);
+        (out != original).then_some(out)
+    }
+
+    /// The original text between `from` and `to` with the findings in it
+    /// applied (redacted, counted, or noted as blocks).
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &self,
+        original: &str,
+        n: &Normalized<'_>,
+        found: &[Found],
+        from: usize,
+        to: usize,
+        dir: Direction,
+        tally: &mut Tally,
+    ) -> String {
+        let mut out = String::with_capacity(to - from);
+        let mut at = from;
+        for f in found {
+            let (a, b) = n.original(f.start, f.end);
+            if a < at || b > to {
+                continue;
+            }
+            let d = &self.c.scanner.detectors[f.detector];
+            tally.note(d.kind.name(), d.action, dir);
+            if d.action == Action::Redact {
+                out.push_str(&original[at..a]);
+                out.push_str(&self.placeholder(d.kind.placeholder(), &original[a..b]));
+                at = b;
+            }
+        }
+        out.push_str(&original[at..to]);
+        out
+    }
+
+    fn placeholder(&self, kind: &str, value: &str) -> String {
+        match self.c.redaction {
+            Redaction::Typed => format!("[{kind}]"),
+            Redaction::Hash => {
+                // FNV-1a: stable across VMs and restarts, so the same value
+                // is the same token in every request.
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for b in self.c.hash_salt.bytes().chain([0]).chain(value.bytes()) {
+                    h ^= u64::from(b);
+                    h = h.wrapping_mul(0x0100_0000_01b3);
+                }
+                format!("[{kind}_{:08x}]", (h >> 32) as u32 ^ h as u32)
+            }
+        }
+    }
+
+    /// Screens every answer text of a JSON value; whether any changed.
+    pub fn screen_answer(&self, v: &mut Value, tally: &mut Tally) -> bool {
+        let mut changed = false;
+        body::answer_texts(v, &mut |s| {
+            if let Some(new) = self.screen_text(s, Direction::Response, tally) {
+                *s = new;
+                changed = true;
+            }
+        });
+        changed
+    }
+}
+
+/// Which way the text was going.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        }
+    }
+}
+
+/// What one request's screening found, by detector name only.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub counts: BTreeMap<(&'static str, Action, Direction), u64>,
+    pub blocked: BTreeSet<&'static str>,
+    pub redacted: bool,
+}
+
+impl Tally {
+    pub fn note(&mut self, detector: &'static str, action: Action, dir: Direction) {
+        *self.counts.entry((detector, action, dir)).or_default() += 1;
+        match action {
+            Action::Block => {
+                self.blocked.insert(detector);
+            }
+            Action::Redact => self.redacted = true,
+            Action::Log => {}
+        }
+    }
+
+    pub fn verdict(&self) -> &'static str {
+        if !self.blocked.is_empty() {
+            "block"
+        } else if self.redacted {
+            "redact"
+        } else {
+            "pass"
+        }
+    }
+
+    fn names(&self) -> String {
+        self.blocked.iter().copied().collect::<Vec<_>>().join(", ")
+    }
+}
+
+impl Filter for Screen {
+    type Stage = ScreenStage;
+    const NAME: &'static str = "content-screen";
+
+    fn from_config(bytes: &[u8]) -> Result<Self, ConfigError> {
+        Screen::from_json(bytes)
+    }
+
+    fn stage(screen: &Rc<Self>) -> ScreenStage {
+        ScreenStage::new(Rc::clone(screen))
+    }
+}
+
+enum Answer {
+    /// Not read: not an LLM call, an error status, or screening is off.
+    Off,
+    /// Read whole after response headers.
+    Json,
+    Sse(Box<SseScreen>),
+}
+
+/// The screen's work on one request.
+pub struct ScreenStage {
+    screen: Rc<Screen>,
+    api: Option<Api>,
+    tally: Tally,
+    answer: Answer,
+    /// The verdict was published (the fact has one writer, written once).
+    published: bool,
+    /// Set when a held answer was replaced by a block.
+    response_status: Option<u16>,
+}
+
+impl ScreenStage {
+    pub fn new(screen: Rc<Screen>) -> Self {
+        ScreenStage {
+            screen,
+            api: None,
+            tally: Tally::default(),
+            answer: Answer::Off,
+            published: false,
+            response_status: None,
+        }
+    }
+
+    fn publish(&mut self, env: &mut Env<'_>, verdict: &str) {
+        if !self.published {
+            self.published = true;
+            env.state.set(facts::SCREEN, verdict.as_bytes());
+        }
+    }
+
+    fn block(&mut self, env: &mut Env<'_>, status: u16, code: &str, message: &str) -> Step {
+        self.publish(env, "block");
+        Step::Reply(Reply::error(status, "invalid_request_error", code, message))
+    }
+
+    fn max_body_bytes(&self) -> usize {
+        self.screen.c.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY)
+    }
+
+    /// Screens the prompt texts of a parsed body; what to do next.
+    fn screen_request(&mut self, env: &mut Env<'_>, v: &mut Value) -> (Step, bool) {
+        let screen = Rc::clone(&self.screen);
+        let c = &screen.c;
+        let mut text_bytes = 0u64;
+        let mut changed = false;
+        let mut injection: Vec<&'static str> = Vec::new();
+        let tally = &mut self.tally;
+        let messages = body::request_texts(v, &mut |role, s| {
+            text_bytes += s.len() as u64;
+            if let Some((inj, _, roles)) = &c.injection {
+                if roles.iter().any(|r| r == role) {
+                    let n = Normalized::new(s);
+                    let score = inj.score(&n.text);
+                    if inj.is_injection(&score) {
+                        injection.extend(score.rules);
+                    }
+                }
+            }
+            if c.roles.iter().any(|r| r == role) {
+                if let Some(new) = screen.screen_text(s, Direction::Request, tally) {
+                    *s = new;
+                    changed = true;
+                }
+            }
+        });
+        if let Some(max) = c.max_messages {
+            if messages > max {
+                let msg = format!("the request has {messages} messages; the limit is {max}");
+                return (self.block(env, 400, "context_length_exceeded", &msg), false);
+            }
+        }
+        if let Some(max) = c.max_prompt_tokens {
+            let tokens = estimate_tokens(text_bytes);
+            if tokens > max {
+                let msg = format!(
+                    "the prompt is about {tokens} tokens; the limit is {max} (estimated at 4 bytes a token)"
+                );
+                return (self.block(env, 400, "context_length_exceeded", &msg), false);
+            }
+        }
+        if let Some((_, action, _)) = &c.injection {
+            if !injection.is_empty() {
+                // The rule ids say why without repeating the text.
+                self.tally
+                    .note("prompt_injection", *action, Direction::Request);
+                if *action == Action::Block {
+                    self.tally.blocked.insert("prompt_injection");
+                }
+            }
+        }
+        if !self.tally.blocked.is_empty() {
+            let msg = format!("content-screen blocked the request: {}", self.tally.names());
+            return (self.block(env, 400, "content_filter", &msg), false);
+        }
+        (Step::Continue, changed)
+    }
+
+    fn end_of_answer(&mut self, env: &mut Env<'_>) {
+        let v = self.tally.verdict();
+        self.publish(env, v);
+    }
+}
+
+impl Stage for ScreenStage {
+    fn request_headers(&mut self, env: &mut Env<'_>, headers: &mut Headers, eos: bool) -> Step {
+        self.api = api::classify(
+            headers.get(":method").unwrap_or(""),
+            headers.get(":path").unwrap_or(""),
+        );
+        if self.api.is_none() {
+            self.publish(env, "off");
+            return Step::Continue;
+        }
+        if let Some(max) = self.screen.c.max_body_bytes {
+            let len = headers
+                .get("content-length")
+                .and_then(|l| l.trim().parse::<u64>().ok());
+            if let Some(len) = len.filter(|l| *l > max as u64) {
+                let msg = format!("the request body is {len} bytes; the limit is {max}");
+                return self.block(env, 413, "request_too_large", &msg);
+            }
+        }
+        if self.screen.c.responses {
+            // Compressed answers cannot be screened: ask for plain ones.
+            headers.set("accept-encoding", "identity");
+        }
+        if eos {
+            return Step::Continue;
+        }
+        Step::ReadBody { hold_headers: true }
+    }
+
+    fn request_body(
+        &mut self,
+        env: &mut Env<'_>,
+        body: &mut RequestBody,
+        _headers: &mut Headers,
+    ) -> Step {
+        if self.api.is_none() {
+            return Step::Continue;
+        }
+        if body.is_truncated() {
+            // Unread is unscreened: refuse rather than pass it blind.
+            let max = self.max_body_bytes();
+            let msg = format!("the request body is over the limit of {max} bytes");
+            return self.block(env, 413, "request_too_large", &msg);
+        }
+        let Ok(mut v) = serde_json::from_slice::<Value>(body.bytes()) else {
+            // Not JSON: the upstream answers it with its own 400.
+            return Step::Continue;
+        };
+        let (step, changed) = self.screen_request(env, &mut v);
+        if step != Step::Continue {
+            return step;
+        }
+        if changed {
+            if let Ok(bytes) = serde_json::to_vec(&v) {
+                body.replace(bytes);
+            }
+        }
+        if !self.screen.c.responses {
+            self.end_of_answer(env);
+        }
+        Step::Continue
+    }
+
+    fn response_headers(&mut self, _env: &mut Env<'_>, headers: &mut Headers, _eos: bool) -> Step {
+        let Some(api) = &self.api else {
+            return Step::Continue;
+        };
+        let status: Option<u16> = headers.get(":status").and_then(|s| s.parse().ok());
+        if !self.screen.c.responses || self.screen.c.scanner.is_empty() {
+            return Step::Continue;
+        }
+        if status.is_none_or(|s| s >= 400) {
+            return Step::Continue;
+        }
+        let encoded = headers
+            .get("content-encoding")
+            .is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
+        let sse = headers.get("content-type").is_some_and(|t| {
+            t.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        });
+        if sse {
+            headers.remove("content-length");
+            self.answer = Answer::Sse(Box::new(SseScreen::new(api.family, api.operation, encoded)));
+            return Step::Continue;
+        }
+        self.answer = Answer::Json;
+        Step::ReadBody { hold_headers: true }
+    }
+
+    fn response_body(&mut self, env: &mut Env<'_>, chunk: &mut Chunk, eos: bool) -> Step {
+        let screen = Rc::clone(&self.screen);
+        match &mut self.answer {
+            Answer::Off => {}
+            Answer::Json => {
+                if chunk.is_truncated() {
+                    self.tally
+                        .note("unscreenable", Action::Block, Direction::Response);
+                    self.replace_answer(chunk);
+                } else if let Ok(mut v) = serde_json::from_slice::<Value>(chunk.bytes()) {
+                    let changed = screen.screen_answer(&mut v, &mut self.tally);
+                    if !self.tally.blocked.is_empty() {
+                        self.replace_answer(chunk);
+                    } else if changed {
+                        if let Ok(bytes) = serde_json::to_vec(&v) {
+                            chunk.set(bytes);
+                        }
+                    }
+                } else if !chunk.bytes().is_empty() {
+                    // Not JSON after all (text/plain, say): screen it as text.
+                    if let Ok(s) = std::str::from_utf8(chunk.bytes()) {
+                        let new = screen.screen_text(s, Direction::Response, &mut self.tally);
+                        if !self.tally.blocked.is_empty() {
+                            self.replace_answer(chunk);
+                        } else if let Some(new) = new {
+                            chunk.set(new.into_bytes());
+                        }
+                    }
+                }
+            }
+            Answer::Sse(s) => {
+                let out = s.feed(&screen, chunk.bytes(), eos, &mut self.tally);
+                chunk.set(out);
+            }
+        }
+        if eos {
+            self.end_of_answer(env);
+        }
+        Step::Continue
+    }
+
+    fn response_status(&self) -> Option<u16> {
+        self.response_status
+    }
+
+    fn log(&mut self, env: &mut Env<'_>, _input: &LogInput) {
+        if self.api.is_none() {
+            return;
+        }
+        let v = self.tally.verdict();
+        self.publish(env, v);
+        let Ok(mut reg) = self.screen.registry.try_borrow_mut() else {
+            return;
+        };
+        for ((detector, action, dir), n) in &self.tally.counts {
+            reg.add(
+                env.metrics,
+                metric::FINDINGS,
+                &[
+                    ("detector", detector),
+                    ("action", action.name()),
+                    ("direction", dir.name()),
+                ],
+                *n,
+            );
+        }
+        reg.add(env.metrics, metric::REQUESTS, &[("screen", v)], 1);
+    }
+
+    fn max_body(&self) -> usize {
+        self.max_body_bytes()
+    }
+
+    fn wants_response_body(&self) -> bool {
+        !matches!(self.answer, Answer::Off)
+    }
+
+    fn holding(&self) -> bool {
+        match &self.answer {
+            Answer::Sse(s) => s.holding(),
+            _ => false,
+        }
+    }
+}
+
+impl ScreenStage {
+    /// Replaces a held answer with the block error.
+    fn replace_answer(&mut self, chunk: &mut Chunk) {
+        let msg = format!(
+            "content-screen blocked the response: {}",
+            self.tally.names()
+        );
+        let r = Reply::error(400, "invalid_request_error", "content_filter", &msg);
+        chunk.set(r.body);
+        self.response_status = Some(400);
+    }
+}
+
+#[cfg(test)]
+mod tests;
