@@ -96,7 +96,7 @@ pub const SECRETS: &[Kind] = &[
 // Patterns are ASCII (`(?-u)`): the values they find are ASCII, and ASCII
 // word boundaries keep the lazy DFA exact on any text.
 const EMAIL: &str = r"(?i-u)\b[a-z0-9][a-z0-9._%+\-]*@[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?)*\.[a-z]{2,24}\b";
-const PHONE: &str = r"(?-u)\+[1-9][0-9]{0,3}(?:[ .\-]?\(?[0-9]{1,4}\)?){2,6}\b|\([0-9]{3}\)[ .\-]?[0-9]{3}[ .\-][0-9]{4}\b|\b[0-9]{3}[.\-][0-9]{3}[.\-][0-9]{4}\b|\b[0-9]{3} [0-9]{3} [0-9]{4}\b|\b0[0-9]{1,4}(?:[ .\-][0-9]{2,8}){1,4}\b";
+const PHONE: &str = r"(?-u)\+[1-9][0-9]{0,3}(?:[ .\-]?\(?[0-9]{1,4}\)?){2,6}\b|\([0-9]{3}\)[ .\-]?[0-9]{3}[ .\-][0-9]{4}\b|\b[0-9]{3}[.\-][0-9]{3}[.\-][0-9]{4}\b|\b[0-9]{3} [0-9]{3} [0-9]{4}\b|\b0[1-9][0-9]{0,3}(?:[ .\-][0-9]{2,8}){1,4}\b";
 const CARD: &str = r"(?-u)\b[2-6](?:[ \-]?[0-9]){12,18}\b";
 const SSN: &str = r"(?-u)\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b|\b[0-9]{3} [0-9]{2} [0-9]{4}\b";
 const IBAN: &str = r"(?-u)\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b";
@@ -109,7 +109,7 @@ const GITHUB_TOKEN: &str =
 const SLACK_TOKEN: &str = r"(?-u)\bxox[abposr]-[0-9A-Za-z]+(?:-[0-9A-Za-z]+){1,4}\b|\bxapp-[0-9]-[A-Za-z0-9\-]{10,}\b|https://hooks\.slack\.com/services/[A-Za-z0-9_/]{20,}";
 const JWT: &str = r"(?-u)\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*";
 const PRIVATE_KEY: &str = r"(?-u)-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\x00-\x7f]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----";
-const PASSWORD: &str = r#"(?i-u)\b(?:password|passwd|pwd|passphrase|secret|client[_\-]?secret|api[_\-]?key|access[_\-]?token|auth[_\-]?token|secret[_\-]?key)["']?[ ]?[:=][ ]?["']?(?P<v>[!#-&(-+\--:<-_a-~]{6,128})"#;
+const PASSWORD: &str = r#"(?i-u)\b(?:[a-z0-9]+_)*(?:password|passwd|pwd|passphrase|secret|client[_\-]?secret|api[_\-]?key|access[_\-]?token|auth[_\-]?token|secret[_\-]?key)["']?[ ]?[:=][ ]?["']?(?P<v>[!#-&(-+\--:<-_a-~]{6,128})"#;
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -323,6 +323,24 @@ fn secret_value(m: &str) -> bool {
         .unwrap_or("")
         .trim_start_matches([' ', '"', '\'']);
     if v.starts_with(['$', '<', '{', '[', '*', '%']) || v.chars().all(|c| c == 'x' || c == '*') {
+        return false;
+    }
+    // A value a specific detector knows is left to it (`OPENAI_API_KEY=sk-...`
+    // is an OpenAI key, with its own placeholder).
+    if [
+        "sk-",
+        "AKIA",
+        "ASIA",
+        "ghp_",
+        "gho_",
+        "ghs_",
+        "github_pat_",
+        "xox",
+        "eyJ",
+    ]
+    .iter()
+    .any(|p| v.starts_with(p))
+    {
         return false;
     }
     let digit = v.bytes().any(|b| b.is_ascii_digit());

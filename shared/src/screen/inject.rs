@@ -66,7 +66,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         id: "extract_question",
-        weight: 0.6,
+        weight: 1.0,
         pattern: r"\bwhat\s+(?:is|are|was|were)\s+your\s+(?:system\s+prompt|initial\s+instructions|hidden\s+instructions|original\s+instructions)\b",
     },
     Rule {
@@ -103,7 +103,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         id: "obey_hidden",
-        weight: 0.8,
+        weight: 1.0,
         pattern: r"\b(?:follow|execute|obey)\s+(?:the\s+)?(?:hidden|encoded|decoded|embedded|secret)\s+(?:instructions?|commands?|text|message)\b",
     },
     // Chat-template delimiters smuggled into text.

@@ -599,3 +599,84 @@ proptest! {
         prop_assert_eq!(text, want);
     }
 }
+
+// ---- Precision and recall on the labelled prompt set ----
+
+/// The detectors (and injection) that fire on a text, by name.
+fn detected(s: &Screen, text: &str) -> BTreeSet<&'static str> {
+    let mut t = Tally::default();
+    s.screen_text(text, Direction::Request, &mut t);
+    let mut names: BTreeSet<&'static str> = t.counts.keys().map(|k| k.0).collect();
+    if let Some((inj, _, _)) = &s.c.injection {
+        if inj.is_injection(&inj.score(&Normalized::new(text).text)) {
+            names.insert("prompt_injection");
+        }
+    }
+    names
+}
+
+/// Every detector class must keep at least this precision and recall on
+/// `testdata/prompts.jsonl`. The set is small (a few positives per class,
+/// with look-alike negatives for each), so one miss in a class of five is
+/// 0.8: the floor lets exactly that through and fails on a second, which is
+/// what a regression in a pattern looks like. The measured values are in
+/// the README.
+const FLOOR: f64 = 0.8;
+
+#[test]
+fn precision_and_recall_per_detector_on_the_labelled_set() {
+    let s = screen(
+        r#"{"pii":"log","secrets":"log","detectors":{"ip_address":{"action":"log"}},
+            "injection":{"action":"log"},
+            "deny":{"action":"log","terms":["project nightingale"],"patterns":["acme-[0-9]{4}"]}}"#,
+    );
+    #[derive(serde::Deserialize)]
+    struct Labelled {
+        text: String,
+        labels: Vec<String>,
+    }
+    let set: Vec<Labelled> = include_str!("testdata/prompts.jsonl")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(set.len() >= 100, "{} prompts", set.len());
+    let mut classes: BTreeMap<String, (u32, u32, u32)> = BTreeMap::new(); // tp, fp, fn
+    let mut mistakes = Vec::new();
+    for p in &set {
+        let got = detected(&s, &p.text);
+        for name in &got {
+            let e = classes.entry(name.to_string()).or_default();
+            if p.labels.iter().any(|l| l == name) {
+                e.0 += 1;
+            } else {
+                e.1 += 1;
+                mistakes.push(format!("false positive {name}: {}", p.text));
+            }
+        }
+        for l in &p.labels {
+            if !got.contains(l.as_str()) {
+                classes.entry(l.clone()).or_default().2 += 1;
+                mistakes.push(format!("missed {l}: {}", p.text));
+            }
+        }
+    }
+    let mut report = String::from("detector              precision  recall   (tp fp fn)\n");
+    let mut failed = Vec::new();
+    for (name, (tp, fp, fn_)) in &classes {
+        let precision = f64::from(*tp) / f64::from((tp + fp).max(1));
+        let recall = f64::from(*tp) / f64::from((tp + fn_).max(1));
+        report.push_str(&format!(
+            "{name:<22}{precision:>9.2}{recall:>8.2}   ({tp} {fp} {fn_})\n"
+        ));
+        if precision < FLOOR || recall < FLOOR {
+            failed.push(name.clone());
+        }
+    }
+    eprintln!("{report}\n{}", mistakes.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "below {FLOOR}: {failed:?}\n{report}\n{}",
+        mistakes.join("\n")
+    );
+}
