@@ -308,3 +308,98 @@ fn a_bad_configuration_is_refused_with_field_and_reason() {
         "{err}"
     );
 }
+
+/// One `curl` of the README's "Try it": its headers, body, and the comment
+/// above it that says what happens.
+struct Example {
+    comment: String,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+fn quoted_after<'a>(line: &'a str, flag: &str) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut rest = line;
+    while let Some(i) = rest.find(&format!("{flag} '")) {
+        let after = &rest[i + flag.len() + 2..];
+        let end = after.find('\'').expect("closing quote");
+        out.push(&after[..end]);
+        rest = &after[end..];
+    }
+    out
+}
+
+fn readme_examples() -> Vec<Example> {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let section = readme
+        .split("\n## content-screen\n")
+        .nth(1)
+        .expect("a content-screen section")
+        .split("\n### Try it\n")
+        .nth(1)
+        .expect("a Try it part");
+    let mut out = Vec::new();
+    let mut comment = String::new();
+    for line in section.lines().take_while(|l| !l.starts_with("### ")) {
+        if let Some(c) = line.strip_prefix("# ") {
+            comment = c.to_string();
+        } else if line.starts_with("curl ") {
+            let headers = quoted_after(line, "-H")
+                .into_iter()
+                .map(|h| {
+                    let (k, v) = h.split_once(": ").unwrap();
+                    (k.to_string(), v.to_string())
+                })
+                .collect();
+            let body = quoted_after(line, "-d")[0].to_string();
+            out.push(Example {
+                comment: comment.clone(),
+                headers,
+                body,
+            });
+        }
+    }
+    out
+}
+
+fn between_quotes(s: &str) -> &str {
+    s.split('"').nth(1).unwrap_or("")
+}
+
+#[test]
+fn the_readme_examples_do_what_they_say_through_the_gateway() {
+    let mock = MockLlm::start().unwrap();
+    let envoy = Envoy::start("envoy/gateway.yaml", mock.addr()).unwrap_or_else(|e| panic!("{e}"));
+    let examples = readme_examples();
+    assert_eq!(examples.len(), 4, "redact up, redact down, two blocks");
+    for ex in examples {
+        let headers: Vec<(&str, &str)> = ex
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let before = mock.requests().len();
+        let r = client::post(envoy.addr(), CHAT, &headers, &ex.body).unwrap();
+        if ex.comment.starts_with("blocked: 400 content_filter") {
+            assert_eq!(r.status, 400, "{}: {}", ex.comment, r.text());
+            assert_eq!(r.json()["error"]["code"], "content_filter");
+            let detector = ex.comment.split('(').nth(1).unwrap().trim_end_matches(')');
+            assert!(r.text().contains(detector), "{}: {}", ex.comment, r.text());
+            assert_eq!(mock.requests().len(), before, "nothing went upstream");
+        } else if ex.comment.starts_with("redacted on the way up") {
+            assert_eq!(r.status, 200, "{}", r.text());
+            let up = String::from_utf8(mock.last_request().unwrap().body).unwrap();
+            assert!(up.contains(between_quotes(&ex.comment)), "{up}");
+        } else if ex.comment.starts_with("redacted on the way down") {
+            assert_eq!(r.status, 200, "{}", r.text());
+            let (text, error, done) = stream_text(&r.body);
+            assert!(error.is_none() && done, "{}", r.text());
+            assert_eq!(text, between_quotes(&ex.comment));
+        } else {
+            panic!(
+                "an example whose comment says nothing checkable: {}",
+                ex.comment
+            );
+        }
+    }
+}

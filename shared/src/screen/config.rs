@@ -98,6 +98,11 @@ pub struct ScreenConfig {
     pub max_hold_bytes: Option<usize>,
     /// Distinct metric series per VM (default 1024).
     pub max_metric_series: Option<usize>,
+    /// Hold request headers while the body is read, so that a redaction can
+    /// fix Content-Length (default true; needs Envoy's
+    /// `allow_on_headers_stop_iteration`). False drops Content-Length up
+    /// front and Envoy sends the body chunked: for hosts such as Istio.
+    pub hold_request_headers: Option<bool>,
 }
 
 const ROLES: &[&str] = &["user", "system", "assistant", "tool", "developer"];
@@ -116,6 +121,7 @@ pub struct Compiled {
     pub max_prompt_tokens: Option<u64>,
     pub max_hold_bytes: usize,
     pub max_metric_series: usize,
+    pub hold_request_headers: bool,
 }
 
 fn roles(
@@ -311,6 +317,7 @@ impl Compiled {
             max_prompt_tokens: b.max_prompt_tokens,
             max_hold_bytes,
             max_metric_series,
+            hold_request_headers: c.hold_request_headers.unwrap_or(true),
         })
     }
 }

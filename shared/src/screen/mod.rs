@@ -342,7 +342,12 @@ impl Stage for ScreenStage {
         if eos {
             return Step::Continue;
         }
-        Step::ReadBody { hold_headers: true }
+        let hold = self.screen.c.hold_request_headers;
+        if !hold {
+            // A redacted body may change length after these headers are gone.
+            headers.remove("content-length");
+        }
+        Step::ReadBody { hold_headers: hold }
     }
 
     fn request_body(

@@ -64,8 +64,11 @@ impl TextStream {
             n.original_start(scan.safe)
         };
         if !final_text {
-            // A combining mark still to come would change the last group.
-            safe = safe.min(text::last_group_start(&window));
+            // A combining mark still to come would change the last group
+            // (nothing composes with whitespace, the usual end of a delta).
+            if !window.ends_with(char::is_whitespace) {
+                safe = safe.min(text::last_group_start(&window));
+            }
             let max = screen.c.max_hold_bytes;
             if window.len() - safe > max {
                 // Bounded memory wins over a match longer than the bound.
@@ -287,7 +290,9 @@ impl SseScreen {
                         if finished {
                             if let Some((s, _, _)) = self.streams.get_mut(&key) {
                                 let rest = s.finish(screen, tally);
-                                text = Some(text.unwrap_or_default() + &rest);
+                                if !rest.is_empty() {
+                                    text = Some(text.unwrap_or_default() + &rest);
+                                }
                             }
                             self.streams.remove(&key);
                         }

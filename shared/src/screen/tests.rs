@@ -680,3 +680,13 @@ fn precision_and_recall_per_detector_on_the_labelled_set() {
         mistakes.join("\n")
     );
 }
+
+#[test]
+fn without_held_headers_the_length_is_dropped_up_front() {
+    let s = screen(r#"{"pii":"redact","hold_request_headers":false}"#);
+    let (out, _) = run(&s, &Exchange::post(CHAT, &chat("bob@corp.io")));
+    let up = out.upstream.unwrap();
+    assert_eq!(up.headers.get("content-length"), None);
+    let v: Value = serde_json::from_slice(&up.body).unwrap();
+    assert_eq!(v["messages"][1]["content"], "[EMAIL]");
+}
