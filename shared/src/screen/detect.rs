@@ -17,7 +17,7 @@
 //! because of a fixed window size, and a value split across any number of
 //! pieces is still seen whole.
 
-use regex::Regex;
+use regex::{Regex, RegexSet};
 use regex_automata::hybrid::dfa::{Cache, DFA};
 use regex_automata::{Anchored, Input};
 use std::cell::RefCell;
@@ -534,6 +534,10 @@ pub struct Scan {
 #[derive(Debug, Default)]
 pub struct Scanner {
     pub detectors: Vec<Detector>,
+    /// All the patterns in one automaton: one pass over a text says which
+    /// detectors can match at all, so a clean text costs one scan, not one
+    /// per detector.
+    set: Option<RegexSet>,
     caches: RefCell<Vec<Option<Cache>>>,
 }
 
@@ -543,8 +547,10 @@ impl Scanner {
             .iter()
             .map(|d| d.live.as_ref().map(DFA::create_cache))
             .collect();
+        let set = RegexSet::new(detectors.iter().map(|d| d.regex.as_str())).ok();
         Scanner {
             detectors,
+            set,
             caches: RefCell::new(caches),
         }
     }
@@ -562,6 +568,14 @@ impl Scanner {
         // Each detector's next match at or after p, found once and reused
         // until p passes its start.
         let mut next: Vec<Option<Option<Match>>> = vec![None; self.detectors.len()];
+        if let Some(set) = &self.set {
+            let may = set.matches_at(text, from);
+            for (i, n) in next.iter_mut().enumerate() {
+                if !may.matched(i) {
+                    *n = Some(None);
+                }
+            }
+        }
         let mut live: Option<usize> = None;
         loop {
             let mut best: Option<(Match, usize)> = None;

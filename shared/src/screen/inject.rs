@@ -10,7 +10,7 @@
 //! weights were tuned on `testdata/prompts.jsonl`, which has benign texts that
 //! use the same words.
 
-use regex::Regex;
+use regex::RegexSet;
 
 /// One scoring rule: an id for logs and metrics, a weight, a pattern.
 struct Rule {
@@ -122,7 +122,8 @@ const RULES: &[Rule] = &[
 /// The compiled rules and the threshold.
 #[derive(Debug)]
 pub struct Injection {
-    rules: Vec<(&'static str, f64, Regex)>,
+    /// Every rule in one automaton: one pass over the text finds them all.
+    set: RegexSet,
     pub threshold: f64,
 }
 
@@ -135,22 +136,18 @@ pub struct Score {
 
 impl Injection {
     pub fn new(threshold: f64) -> Result<Injection, String> {
-        let mut rules = Vec::with_capacity(RULES.len());
-        for r in RULES {
-            let re = Regex::new(&format!("(?i){}", r.pattern))
-                .map_err(|e| format!("rule {}: {e}", r.id))?;
-            rules.push((r.id, r.weight, re));
-        }
-        Ok(Injection { rules, threshold })
+        let set = RegexSet::new(RULES.iter().map(|r| format!("(?i){}", r.pattern)))
+            .map_err(|e| format!("rules: {e}"))?;
+        Ok(Injection { set, threshold })
     }
 
     /// Scores a normalised text.
     pub fn score(&self, text: &str) -> Score {
         let mut s = Score::default();
-        for (id, weight, re) in &self.rules {
-            if re.is_match(text) {
-                s.score += weight;
-                s.rules.push(id);
+        for i in self.set.matches(text).iter() {
+            if let Some(r) = RULES.get(i) {
+                s.score += r.weight;
+                s.rules.push(r.id);
             }
         }
         s

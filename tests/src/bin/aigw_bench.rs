@@ -1,7 +1,8 @@
 //! `aigw-bench`: what the filters cost, against bare Envoy.
 //!
-//! For each variant (bare Envoy, the gateway as shipped, all five modules
-//! chained) and each request shape (a ~1 KiB chat request answered as JSON,
+//! For each variant (bare Envoy, token-meter alone, the gateway as shipped
+//! (token-meter and content-screen), all five modules chained) and each
+//! request shape (a ~1 KiB chat request, or `--prompt-bytes N` of prompt, answered as JSON,
 //! the same asked as a stream), it starts Envoy with one worker in front of the
 //! mock LLM, keeps `--connections` keep-alive connections busy for
 //! `--seconds`, and reports requests per second, latency percentiles and
@@ -19,6 +20,8 @@ struct Opts {
     seconds: u64,
     connections: usize,
     repeat: u64,
+    /// Bytes of user prompt (default: a short question).
+    prompt_bytes: Option<usize>,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -26,6 +29,7 @@ fn parse_opts() -> Result<Opts, String> {
         seconds: 5,
         connections: 4,
         repeat: 3,
+        prompt_bytes: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -38,6 +42,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--seconds" => opts.seconds = value("--seconds")?,
             "--connections" => opts.connections = value("--connections")? as usize,
             "--repeat" => opts.repeat = value("--repeat")?,
+            "--prompt-bytes" => opts.prompt_bytes = Some(value("--prompt-bytes")? as usize),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -59,7 +64,20 @@ fn bare(yaml: &str) -> Result<String, String> {
     Ok(format!("{}{}", &yaml[..start], &yaml[end..]))
 }
 
-/// gateway.yaml with the four other modules (pass-through shells today) chained above the meter.
+const SCREEN_START: &str = "          - name: aigw.content_screen\n";
+
+/// gateway.yaml without content-screen: the meter alone.
+fn meter_only(yaml: &str) -> Result<String, String> {
+    let Some(start) = yaml.find(SCREEN_START) else {
+        return Ok(yaml.to_string());
+    };
+    let next = yaml[start + 1..]
+        .find("          - name: ")
+        .ok_or("nothing after content-screen in gateway.yaml")?;
+    Ok(format!("{}{}", &yaml[..start], &yaml[start + 1 + next..]))
+}
+
+/// gateway.yaml with the modules it does not chain yet (pass-through shells) chained above the meter.
 fn all_five(yaml: &str) -> Result<String, String> {
     let start = yaml
         .find(FILTER_START)
@@ -71,6 +89,9 @@ fn all_five(yaml: &str) -> Result<String, String> {
         "prompt-cache",
         "model-router",
     ] {
+        if yaml.contains(&format!("name: aigw.{}\n", name.replace('-', "_"))) {
+            continue;
+        }
         extra.push_str(&format!(
             "          - name: aigw.{under}
             typed_config:
@@ -225,7 +246,7 @@ fn load(addr: SocketAddr, pid: u32, request: &[u8], opts: &Opts) -> Result<Resul
     })
 }
 
-fn request(stream: bool) -> Vec<u8> {
+fn request(stream: bool, prompt_bytes: Option<usize>) -> Vec<u8> {
     // About 1 KiB of JSON, like a short chat turn with a system prompt.
     let system = "You are a helpful assistant. ".repeat(20);
     let body = serde_json::json!({
@@ -233,7 +254,13 @@ fn request(stream: bool) -> Vec<u8> {
         "stream": stream,
         "messages": [
             {"role": "system", "content": system},
-            {"role": "user", "content": "Summarise the plot of a short story in three sentences."}
+            {"role": "user", "content": match prompt_bytes {
+                Some(n) => {
+                    let phrase = "Summarise the plot of this story in three sentences. ";
+                    phrase.repeat(n / phrase.len() + 1)[..n].to_string()
+                }
+                None => "Summarise the plot of a short story in three sentences.".to_string(),
+            }}
         ]
     })
     .to_string();
@@ -250,7 +277,8 @@ fn run() -> Result<(), String> {
         std::fs::read_to_string(root().join("envoy/gateway.yaml")).map_err(|e| e.to_string())?;
     let variants = [
         ("bare envoy", bare(&gateway)?),
-        ("token-meter", gateway.clone()),
+        ("token-meter", meter_only(&gateway)?),
+        ("+screen", gateway.clone()),
         ("5 modules", all_five(&gateway)?),
     ];
     let mock = MockLlm::start().map_err(|e| e.to_string())?;
@@ -276,7 +304,7 @@ fn run() -> Result<(), String> {
         "req/s x"
     );
     for (stream, shape) in [(false, "json"), (true, "stream")] {
-        let req = request(stream);
+        let req = request(stream, opts.prompt_bytes);
         let mut base: Option<(f64, f64)> = None;
         for (name, yaml) in &variants {
             let envoy = Envoy::start_text(yaml, mock.addr())?;
