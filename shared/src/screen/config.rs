@@ -2,6 +2,7 @@
 
 use super::detect::{Action, Allow, Detector, Kind, Scanner, PII, SECRETS};
 use super::inject::Injection;
+use super::moderation::{Moderation, ModerationConfig};
 use crate::config::{self, ConfigError};
 use regex::escape;
 use serde::Deserialize;
@@ -103,6 +104,8 @@ pub struct ScreenConfig {
     /// `allow_on_headers_stop_iteration`). False drops Content-Length up
     /// front and Envoy sends the body chunked: for hosts such as Istio.
     pub hold_request_headers: Option<bool>,
+    /// An external moderation service asked about every prompt.
+    pub moderation: Option<ModerationConfig>,
 }
 
 const ROLES: &[&str] = &["user", "system", "assistant", "tool", "developer"];
@@ -122,6 +125,8 @@ pub struct Compiled {
     pub max_hold_bytes: usize,
     pub max_metric_series: usize,
     pub hold_request_headers: bool,
+    pub moderation: Option<Moderation>,
+    pub shadow: bool,
 }
 
 fn roles(
@@ -318,6 +323,8 @@ impl Compiled {
             max_hold_bytes,
             max_metric_series,
             hold_request_headers: c.hold_request_headers.unwrap_or(true),
+            shadow: c.shadow,
+            moderation: c.moderation.map(Moderation::compile).transpose()?,
         })
     }
 }

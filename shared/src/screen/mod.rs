@@ -23,6 +23,7 @@ pub mod body;
 pub mod config;
 pub mod detect;
 pub mod inject;
+pub mod moderation;
 pub mod stream;
 pub mod text;
 
@@ -30,12 +31,14 @@ use crate::config::ConfigError;
 use crate::facts;
 use crate::metrics::Registry;
 use crate::stage::{
-    Chunk, Env, Filter, Headers, LogInput, Reply, RequestBody, Stage, Step, DEFAULT_MAX_BODY,
+    CalloutResponse, Chunk, Env, Filter, Headers, LogInput, Reply, RequestBody, Stage, Step,
+    DEFAULT_MAX_BODY,
 };
 use crate::wire::api::{self, Api};
 use crate::wire::usage::estimate_tokens;
 use config::{Compiled, Redaction};
 use detect::{Action, Found};
+use moderation::{FailureMode, Verdict};
 use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -222,6 +225,10 @@ pub struct ScreenStage {
     published: bool,
     /// Set when a held answer was replaced by a block.
     response_status: Option<u16>,
+    /// The screened prompt text, for the moderation service.
+    prompt: String,
+    /// The moderation callout this request waits for.
+    moderation: Option<u32>,
 }
 
 impl ScreenStage {
@@ -233,6 +240,8 @@ impl ScreenStage {
             answer: Answer::Off,
             published: false,
             response_status: None,
+            prompt: String::new(),
+            moderation: None,
         }
     }
 
@@ -260,6 +269,8 @@ impl ScreenStage {
         let mut changed = false;
         let mut injection: Vec<&'static str> = Vec::new();
         let tally = &mut self.tally;
+        let prompt = &mut self.prompt;
+        let moderated = c.moderation.is_some();
         let messages = body::request_texts(v, &mut |role, s| {
             text_bytes += s.len() as u64;
             if let Some((inj, _, roles)) = &c.injection {
@@ -275,6 +286,11 @@ impl ScreenStage {
                 if let Some(new) = screen.screen_text(s, Direction::Request, tally) {
                     *s = new;
                     changed = true;
+                }
+                if moderated {
+                    // Redacted first: the service never sees what was redacted.
+                    prompt.push_str(s);
+                    prompt.push('\n');
                 }
             }
         });
@@ -308,6 +324,60 @@ impl ScreenStage {
             return (self.block(env, 400, "content_filter", &msg), false);
         }
         (Step::Continue, changed)
+    }
+
+    /// Acts on the moderation service's verdict.
+    fn moderated(&mut self, env: &mut Env<'_>, verdict: &Verdict) -> Step {
+        let shadow = self.screen.c.shadow;
+        match verdict {
+            Verdict::Clean => {}
+            Verdict::Flagged(categories) => {
+                let action = if shadow { Action::Log } else { Action::Block };
+                self.tally.note("moderation", action, Direction::Request);
+                if action == Action::Block {
+                    // Category names are the service's labels, not the text.
+                    let cats: Vec<String> = categories
+                        .iter()
+                        .take(8)
+                        .map(|c| crate::metrics::label_value(c))
+                        .collect();
+                    let msg = if cats.is_empty() {
+                        "content-screen blocked the request: moderation".to_string()
+                    } else {
+                        format!(
+                            "content-screen blocked the request: moderation ({})",
+                            cats.join(", ")
+                        )
+                    };
+                    return self.block(env, 400, "content_filter", &msg);
+                }
+            }
+            Verdict::Failed => {
+                let deny = self
+                    .screen
+                    .c
+                    .moderation
+                    .as_ref()
+                    .is_some_and(|m| m.failure_mode == FailureMode::Deny);
+                if deny && !shadow {
+                    self.tally
+                        .note("moderation_unavailable", Action::Block, Direction::Request);
+                    self.publish(env, "block");
+                    return Step::Reply(Reply::error(
+                        503,
+                        "api_error",
+                        "moderation_unavailable",
+                        "content-screen could not reach its moderation service",
+                    ));
+                }
+                self.tally
+                    .note("moderation_unavailable", Action::Log, Direction::Request);
+            }
+        }
+        if !self.screen.c.responses {
+            self.end_of_answer(env);
+        }
+        Step::Continue
     }
 
     fn end_of_answer(&mut self, env: &mut Env<'_>) {
@@ -378,10 +448,41 @@ impl Stage for ScreenStage {
                 body.replace(bytes);
             }
         }
+        if let Some(m) = &self.screen.c.moderation {
+            if !self.prompt.trim().is_empty() {
+                let call = m.call(&self.prompt);
+                self.prompt = String::new();
+                match env.callouts.http(&call) {
+                    Ok(token) => {
+                        self.moderation = Some(token);
+                        return Step::Wait;
+                    }
+                    Err(_) => return self.moderated(env, &Verdict::Failed),
+                }
+            }
+        }
         if !self.screen.c.responses {
             self.end_of_answer(env);
         }
         Step::Continue
+    }
+
+    fn on_callout(
+        &mut self,
+        env: &mut Env<'_>,
+        token: u32,
+        response: &CalloutResponse,
+        _headers: &mut Headers,
+    ) -> Step {
+        if self.moderation != Some(token) {
+            return Step::Continue;
+        }
+        self.moderation = None;
+        let verdict = match &self.screen.c.moderation {
+            Some(m) => m.verdict(response),
+            None => Verdict::Failed,
+        };
+        self.moderated(env, &verdict)
     }
 
     fn response_headers(&mut self, _env: &mut Env<'_>, headers: &mut Headers, _eos: bool) -> Step {

@@ -690,3 +690,65 @@ fn without_held_headers_the_length_is_dropped_up_front() {
     let v: Value = serde_json::from_slice(&up.body).unwrap();
     assert_eq!(v["messages"][1]["content"], "[EMAIL]");
 }
+
+#[test]
+fn moderation_is_asked_about_the_redacted_prompt_and_its_failure_mode_decides() {
+    use crate::boundary::Sent;
+    let answer = |flagged: bool| {
+        move |_: &Sent| {
+            CalloutResponse::Http {
+            status: 200,
+            headers: vec![],
+            body: serde_json::json!({"results":[{"flagged":flagged,"categories":{"violence":flagged}}]})
+                .to_string()
+                .into_bytes(),
+        }
+        }
+    };
+    let config = |mode: &str| {
+        screen(&format!(
+            r#"{{"pii":"redact","moderation":{{"cluster":"mod","timeout_ms":200,"failure_mode":"{mode}","headers":{{"authorization":"Bearer k"}}}}}}"#
+        ))
+    };
+    let ex = Exchange::post(CHAT, &chat("from bob@corp.io: a threat"));
+    let s = config("deny");
+
+    let mut host = Host::default();
+    let out = host.run(
+        &mut ScreenStage::new(Rc::clone(&s)),
+        &ex,
+        &mut answer(false),
+    );
+    assert_eq!(out.client_status, 200);
+    let Sent::Http(call) = &out.callouts[0] else {
+        panic!("an HTTP callout")
+    };
+    let body = String::from_utf8(call.body.clone()).unwrap();
+    assert!(
+        body.contains("[EMAIL]") && !body.contains("bob@corp.io"),
+        "{body}"
+    );
+    assert!(out.upstream.is_some());
+
+    let out = host.run(&mut ScreenStage::new(Rc::clone(&s)), &ex, &mut answer(true));
+    assert_eq!(out.client_status, 400);
+    assert!(
+        out.client_text().contains("moderation (violence)"),
+        "{}",
+        out.client_text()
+    );
+    assert!(out.upstream.is_none());
+
+    let out = host.run(&mut ScreenStage::new(Rc::clone(&s)), &ex, &mut no_service);
+    assert_eq!(out.client_status, 503);
+    assert!(out.client_text().contains("moderation_unavailable"));
+
+    let s = config("allow");
+    let out = host.run(&mut ScreenStage::new(Rc::clone(&s)), &ex, &mut no_service);
+    assert_eq!(out.client_status, 200);
+    assert!(out.upstream.is_some());
+    assert_eq!(
+        host.metrics.counter("aigw_screen_findings_total;detector=moderation_unavailable;action=log;direction=request"),
+        1
+    );
+}
