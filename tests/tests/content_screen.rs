@@ -403,3 +403,105 @@ fn the_readme_examples_do_what_they_say_through_the_gateway() {
         }
     }
 }
+
+/// content-screen.yaml with external moderation on `addr` (`failure_mode`,
+/// `timeout_ms`).
+fn moderated_yaml(failure_mode: &str, timeout_ms: u64) -> String {
+    let yaml = yaml()
+        .replace(
+            "\"pii\": \"redact\",",
+            &format!(
+                "\"moderation\": {{ \"cluster\": \"moderation\", \"timeout_ms\": {timeout_ms}, \"failure_mode\": \"{failure_mode}\" }},\n                      \"pii\": \"redact\","
+            ),
+        )
+        .replace(
+            "  clusters:\n",
+            "  clusters:
+  - name: moderation
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: moderation
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: { address: 127.0.0.1, port_value: 9 }  # aigw:cluster_moderation
+",
+        );
+    assert!(yaml.contains("aigw:cluster_moderation") && yaml.contains("\"moderation\":"));
+    yaml
+}
+
+fn moderated_gateway(
+    failure_mode: &str,
+    timeout_ms: u64,
+    service: std::net::SocketAddr,
+) -> Gateway {
+    let mock = MockLlm::start().unwrap();
+    let envoy = Envoy::start_with_clusters(
+        &moderated_yaml(failure_mode, timeout_ms),
+        &format!("http://{}", mock.addr()),
+        None,
+        &[("moderation", service)],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    Gateway { envoy, mock }
+}
+
+#[test]
+fn external_moderation_up_down_and_slow() {
+    use aigw_tests::moderation::MockModeration;
+    use std::time::{Duration, Instant};
+
+    // Up: flagged prompts are blocked, clean ones pass, and the service sees
+    // the prompt after redaction.
+    let service = MockModeration::start(Duration::ZERO).unwrap();
+    let g = moderated_gateway("deny", 1000, service.addr());
+    let r = g.post(CHAT, "mod-up", &[], &chat("FLAGME please", false));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "content_filter");
+    assert!(r.text().contains("moderation (violence)"), "{}", r.text());
+    assert!(g.mock.requests().is_empty());
+    let r = g.post(
+        CHAT,
+        "mod-up2",
+        &[],
+        &chat("hello from jane@corp.io", false),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let asked = service.asked();
+    let last = asked.last().unwrap()["input"].as_str().unwrap().to_string();
+    assert!(
+        last.contains("hello from [EMAIL]") && !last.contains("jane"),
+        "{last}"
+    );
+    drop(g);
+
+    // Down: nothing listens on the port.
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    for (mode, status) in [("deny", 503), ("allow", 200)] {
+        let g = moderated_gateway(mode, 1000, down);
+        let r = g.post(CHAT, "mod-down", &[], &chat("hello", false));
+        assert_eq!(r.status, status, "{mode}: {}", r.text());
+        if status == 503 {
+            assert_eq!(r.json()["error"]["code"], "moderation_unavailable");
+        }
+    }
+
+    // Slow: the answer comes after the timeout; the request does not wait for it.
+    let slow = MockModeration::start(Duration::from_millis(1500)).unwrap();
+    let g = moderated_gateway("deny", 200, slow.addr());
+    let t = Instant::now();
+    let r = g.post(CHAT, "mod-slow", &[], &chat("hello", false));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        t.elapsed() < Duration::from_millis(1200),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(g.mock.requests().is_empty());
+}
