@@ -95,12 +95,15 @@ pub const SECRETS: &[Kind] = &[
 
 // Patterns are ASCII (`(?-u)`): the values they find are ASCII, and ASCII
 // word boundaries keep the lazy DFA exact on any text.
-const EMAIL: &str = r"(?i-u)\b[a-z0-9][a-z0-9._%+\-]*@[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?)*\.[a-z]{2,24}\b";
+// Patterns that can start at any word character are bounded (as the RFCs
+// bound addresses), so that checking which tail positions are live costs a
+// bounded run per position.
+const EMAIL: &str = r"(?i-u)\b[a-z0-9][a-z0-9._%+\-]{0,63}@[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?){0,8}\.[a-z]{2,24}\b";
 const PHONE: &str = r"(?-u)\+[1-9][0-9]{0,3}(?:[ .\-]?\(?[0-9]{1,4}\)?){2,6}\b|\([0-9]{3}\)[ .\-]?[0-9]{3}[ .\-][0-9]{4}\b|\b[0-9]{3}[.\-][0-9]{3}[.\-][0-9]{4}\b|\b[0-9]{3} [0-9]{3} [0-9]{4}\b|\b0[1-9][0-9]{0,3}(?:[ .\-][0-9]{2,8}){1,4}\b";
 const CARD: &str = r"(?-u)\b[2-6](?:[ \-]?[0-9]){12,18}\b";
 const SSN: &str = r"(?-u)\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b|\b[0-9]{3} [0-9]{2} [0-9]{4}\b";
 const IBAN: &str = r"(?-u)\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b";
-const IP: &str = r"(?i-u)\b(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}(?:\.[0-9]+)*\b|(?:\b[0-9a-f]{1,4}|:):(?:[0-9a-f]{0,4}:){1,6}[0-9a-f]{0,4}\b";
+const IP: &str = r"(?i-u)\b(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(?:\.(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}(?:\.[0-9]{1,10}){0,8}\b|(?:\b[0-9a-f]{1,4}|:):(?:[0-9a-f]{0,4}:){1,6}[0-9a-f]{0,4}\b";
 const ANTHROPIC_KEY: &str = r"(?-u)\bsk-ant-[A-Za-z0-9_\-]{20,}";
 const OPENAI_KEY: &str = r"(?-u)\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}";
 const AWS_KEY: &str = r"(?-u)\b(?:AKIA|ASIA)[0-9A-Z]{16}\b";
@@ -109,7 +112,7 @@ const GITHUB_TOKEN: &str =
 const SLACK_TOKEN: &str = r"(?-u)\bxox[abposr]-[0-9A-Za-z]+(?:-[0-9A-Za-z]+){1,4}\b|\bxapp-[0-9]-[A-Za-z0-9\-]{10,}\b|https://hooks\.slack\.com/services/[A-Za-z0-9_/]{20,}";
 const JWT: &str = r"(?-u)\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*";
 const PRIVATE_KEY: &str = r"(?-u)-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\x00-\x7f]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----";
-const PASSWORD: &str = r#"(?i-u)\b(?:[a-z0-9]+_)*(?:password|passwd|pwd|passphrase|secret|client[_\-]?secret|api[_\-]?key|access[_\-]?token|auth[_\-]?token|secret[_\-]?key)["']?[ ]?[:=][ ]?["']?(?P<v>[!#-&(-+\--:<-_a-~]{6,128})"#;
+const PASSWORD: &str = r#"(?i-u)\b(?:[a-z0-9]{1,32}_){0,4}(?:password|passwd|pwd|passphrase|secret|client[_\-]?secret|api[_\-]?key|access[_\-]?token|auth[_\-]?token|secret[_\-]?key)["']?[ ]?[:=][ ]?["']?(?P<v>[!#-&(-+\--:<-_a-~]{6,128})"#;
 
 impl Kind {
     pub fn name(self) -> &'static str {
@@ -470,7 +473,8 @@ impl Detector {
     }
 
     /// Whether a match could start at `at` and go past the end of `text`.
-    fn live_at(&self, text: &str, at: usize, cache: Option<&mut Cache>) -> bool {
+    /// A run still alive after `cap` bytes counts as live.
+    fn live_at(&self, text: &str, at: usize, cap: usize, cache: Option<&mut Cache>) -> bool {
         let (Some(dfa), Some(cache)) = (&self.live, cache) else {
             return true;
         };
@@ -481,7 +485,11 @@ impl Detector {
         if sid.is_dead() {
             return false;
         }
-        for &b in &text.as_bytes()[at..] {
+        let bytes = &text.as_bytes()[at..];
+        if bytes.len() > cap {
+            return true;
+        }
+        for &b in bytes {
             match dfa.next_state(cache, sid, b) {
                 Ok(next) => sid = next,
                 Err(_) => return true,
@@ -563,6 +571,13 @@ impl Scanner {
     /// otherwise more may follow, and the scan stops before the first
     /// position that could still start a match.
     pub fn scan(&self, text: &str, from: usize, final_text: bool) -> Scan {
+        self.scan_held(text, from, final_text, usize::MAX)
+    }
+
+    /// As [`Scanner::scan`], for a stream that holds at most `max_hold`
+    /// bytes: positions further back are released anyway, so they are not
+    /// checked.
+    pub fn scan_held(&self, text: &str, from: usize, final_text: bool, max_hold: usize) -> Scan {
         let mut found = Vec::new();
         let mut p = from;
         // Each detector's next match at or after p, found once and reused
@@ -600,7 +615,9 @@ impl Scanner {
             if !final_text {
                 let l = match live {
                     Some(l) if l >= p => l,
-                    _ => self.first_live(text, p),
+                    _ => {
+                        self.first_live(text, p.max(text.len().saturating_sub(max_hold)), max_hold)
+                    }
                 };
                 live = Some(l);
                 if best.as_ref().is_none_or(|(m, _)| m.start >= l) {
@@ -636,7 +653,7 @@ impl Scanner {
     }
 
     /// The first position at or after `from` where a match could still start.
-    fn first_live(&self, text: &str, from: usize) -> usize {
+    fn first_live(&self, text: &str, from: usize, cap: usize) -> usize {
         let mut caches = match self.caches.try_borrow_mut() {
             Ok(c) => c,
             Err(_) => return from,
@@ -644,11 +661,9 @@ impl Scanner {
         let mut at = from;
         while at < text.len() {
             if text.is_char_boundary(at)
-                && self
-                    .detectors
-                    .iter()
-                    .enumerate()
-                    .any(|(i, d)| d.live_at(text, at, caches.get_mut(i).and_then(Option::as_mut)))
+                && self.detectors.iter().enumerate().any(|(i, d)| {
+                    d.live_at(text, at, cap, caches.get_mut(i).and_then(Option::as_mut))
+                })
             {
                 return at;
             }

@@ -57,7 +57,10 @@ impl TextStream {
         let window = format!("{}{}", self.before, self.held);
         let n = Normalized::new(&window);
         let from = n.normalized_at(base);
-        let scan = screen.c.scanner.scan(&n.text, from, final_text);
+        let scan = screen
+            .c
+            .scanner
+            .scan_held(&n.text, from, final_text, screen.c.max_hold_bytes);
         let mut safe = if scan.safe >= n.text.len() {
             window.len()
         } else {

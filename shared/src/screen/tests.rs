@@ -752,3 +752,19 @@ fn moderation_is_asked_about_the_redacted_prompt_and_its_failure_mode_decides() 
         1
     );
 }
+
+#[test]
+fn a_long_run_of_word_characters_is_not_held_whole() {
+    // Bounded patterns keep the live tail short: a hostile answer of one
+    // endless "word" streams with a small hold and linear work.
+    let s = screen(ALL);
+    let mut t = Tally::default();
+    let mut ts = stream::TextStream::default();
+    let mut out = String::new();
+    for _ in 0..20_000 {
+        out.push_str(&ts.push(&s, "abcde", &mut t));
+        assert!(ts.held() <= 160, "{}", ts.held());
+    }
+    out.push_str(&ts.finish(&s, &mut t));
+    assert_eq!(out.len(), 100_000);
+}
