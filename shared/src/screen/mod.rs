@@ -490,7 +490,11 @@ impl Stage for ScreenStage {
             return Step::Continue;
         };
         let status: Option<u16> = headers.get(":status").and_then(|s| s.parse().ok());
-        if !self.screen.c.responses || self.screen.c.scanner.is_empty() {
+        // Embeddings answer with vectors: nothing in them to screen.
+        if !self.screen.c.responses
+            || self.screen.c.scanner.is_empty()
+            || api.operation == api::Operation::Embeddings
+        {
             return Step::Continue;
         }
         if status.is_none_or(|s| s >= 400) {
