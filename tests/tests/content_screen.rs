@@ -505,3 +505,65 @@ fn external_moderation_up_down_and_slow() {
     );
     assert!(g.mock.requests().is_empty());
 }
+
+/// The text deltas of an Anthropic or Responses stream, with every event's type.
+fn typed_stream_text(body: &[u8], field: &str) -> (String, Vec<String>) {
+    let mut text = String::new();
+    let mut types = Vec::new();
+    let mut p = Parser::new(Default::default(), false);
+    p.feed(body, |item| {
+        if let Item::Event(e) = item {
+            let v: Value = serde_json::from_slice(e.data).expect("every event is JSON");
+            let kind = v["type"].as_str().unwrap_or("").to_string();
+            assert_eq!(
+                String::from_utf8_lossy(e.event_type),
+                kind,
+                "event: and type agree"
+            );
+            let delta = match field {
+                "anthropic" if kind == "content_block_delta" => v["delta"]["text"].as_str(),
+                "responses" if kind == "response.output_text.delta" => v["delta"].as_str(),
+                _ => None,
+            };
+            if let Some(d) = delta {
+                text.push_str(d);
+            }
+            types.push(kind);
+        }
+    });
+    (text, types)
+}
+
+#[test]
+fn anthropic_and_responses_streams_are_redacted_in_their_own_format() {
+    let g = gateway();
+    let content = "mail bob@corp.io and key AKIAIOSFODNN7EXAMPLE now";
+    let split = [
+        ("x-mock-content", content),
+        ("x-mock-split-bytes", "1"),
+        ("x-mock-split-delay-ms", "0"),
+    ];
+    let body = json!({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let r = g.post("/v1/messages", "anth", &split, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (text, types) = typed_stream_text(&r.body, "anthropic");
+    assert_eq!(text, "mail [EMAIL] and key [AWS_ACCESS_KEY] now");
+    assert_eq!(types.first().map(String::as_str), Some("message_start"));
+    assert_eq!(types.last().map(String::as_str), Some("message_stop"));
+    assert!(!r.text().contains("bob@") && !r.text().contains("AKIA"));
+
+    let body = json!({"model": "gpt-4o", "stream": true, "input": "hi"}).to_string();
+    let r = g.post("/v1/responses", "resp-stream", &split, &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (text, types) = typed_stream_text(&r.body, "responses");
+    assert_eq!(text, "mail [EMAIL] and key [AWS_ACCESS_KEY] now");
+    assert!(types.iter().any(|t| t == "response.completed"), "{types:?}");
+    // The full texts of the done events are redacted too.
+    assert!(
+        !r.text().contains("bob@") && !r.text().contains("AKIA"),
+        "{}",
+        r.text()
+    );
+}

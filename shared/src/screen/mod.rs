@@ -435,9 +435,20 @@ impl Stage for ScreenStage {
             let msg = format!("the request body is over the limit of {max} bytes");
             return self.block(env, 413, "request_too_large", &msg);
         }
-        let Ok(mut v) = serde_json::from_slice::<Value>(body.bytes()) else {
-            // Not JSON: the upstream answers it with its own 400.
+        if body.bytes().iter().all(u8::is_ascii_whitespace) {
             return Step::Continue;
+        }
+        let Ok(mut v) = serde_json::from_slice::<Value>(body.bytes()) else {
+            // What cannot be read cannot be screened, and an upstream more
+            // lenient than serde_json (a lone surrogate escape, say) would
+            // read text that was never looked at: refuse it.
+            self.publish(env, "block");
+            return Step::Reply(Reply::error(
+                400,
+                "invalid_request_error",
+                "invalid_json",
+                "content-screen could not read the request body as JSON",
+            ));
         };
         let (step, changed) = self.screen_request(env, &mut v);
         if step != Step::Continue {

@@ -768,3 +768,18 @@ fn a_long_run_of_word_characters_is_not_held_whole() {
     out.push_str(&ts.finish(&s, &mut t));
     assert_eq!(out.len(), 100_000);
 }
+
+#[test]
+fn a_body_that_cannot_be_read_is_refused_not_passed_unscreened() {
+    let s = screen(DEMO);
+    for body in [
+        "{not json",
+        r#"{"messages":[{"role":"user","content":"\ud800 ssn 123-45-6789"}]}"#,
+    ] {
+        let (out, _) = run(&s, &Exchange::post(CHAT, body));
+        assert_eq!(out.client_status, 400, "{body}");
+        assert!(out.upstream.is_none(), "{body}");
+        let v: Value = serde_json::from_slice(&out.client_body).unwrap();
+        assert_eq!(v["error"]["code"], "invalid_json");
+    }
+}
