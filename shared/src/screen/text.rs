@@ -45,6 +45,27 @@ impl<'a> Normalized<'a> {
         let mut chars = original.char_indices().peekable();
         let mut group = String::new();
         while let Some((start, c)) = chars.next() {
+            let span = (start as u32, (start + c.len_utf8()) as u32);
+            let next_is_mark = chars.peek().is_some_and(|&(_, m)| is_combining_mark(m));
+            if c.is_ascii() && !next_is_mark {
+                // ASCII is its own NFKC form: only whitespace changes.
+                if c.is_whitespace() {
+                    if folded_space {
+                        if let Some(last) = spans.last_mut() {
+                            last.1 = span.1;
+                        }
+                    } else {
+                        folded_space = true;
+                        text.push(' ');
+                        spans.push(span);
+                    }
+                } else {
+                    folded_space = false;
+                    text.push(c);
+                    spans.push(span);
+                }
+                continue;
+            }
             group.clear();
             group.push(c);
             let mut end = start + c.len_utf8();
