@@ -73,12 +73,25 @@ impl Screen {
         if self.c.scanner.is_empty() || original.is_empty() {
             return None;
         }
-        let n = Normalized::new(original);
+        self.screen_normalized(original, &Normalized::new(original), dir, tally)
+    }
+
+    /// As [`Screen::screen_text`], with the text already normalised.
+    fn screen_normalized(
+        &self,
+        original: &str,
+        n: &Normalized<'_>,
+        dir: Direction,
+        tally: &mut Tally,
+    ) -> Option<String> {
+        if self.c.scanner.is_empty() || original.is_empty() {
+            return None;
+        }
         let scan = self.c.scanner.scan(&n.text, 0, true);
         if scan.found.is_empty() {
             return None;
         }
-        let out = self.apply(original, &n, &scan.found, 0, original.len(), dir, tally);
+        let out = self.apply(original, n, &scan.found, 0, original.len(), dir, tally);
         (out != original).then_some(out)
     }
 
@@ -273,17 +286,25 @@ impl ScreenStage {
         let moderated = c.moderation.is_some();
         let messages = body::request_texts(v, &mut |role, s| {
             text_bytes += s.len() as u64;
-            if let Some((inj, _, roles)) = &c.injection {
-                if roles.iter().any(|r| r == role) {
-                    let n = Normalized::new(s);
-                    let score = inj.score(&n.text);
-                    if inj.is_injection(&score) {
-                        injection.extend(score.rules);
-                    }
+            let scored = c
+                .injection
+                .as_ref()
+                .filter(|(_, _, roles)| roles.iter().any(|r| r == role));
+            let screened = c.roles.iter().any(|r| r == role);
+            if s.is_empty() || (scored.is_none() && !screened) {
+                return;
+            }
+            let n = Normalized::new(s);
+            if let Some((inj, _, _)) = scored {
+                let score = inj.score(&n.text);
+                if inj.is_injection(&score) {
+                    injection.extend(score.rules);
                 }
             }
-            if c.roles.iter().any(|r| r == role) {
-                if let Some(new) = screen.screen_text(s, Direction::Request, tally) {
+            if screened {
+                let new = screen.screen_normalized(s, &n, Direction::Request, tally);
+                drop(n);
+                if let Some(new) = new {
                     *s = new;
                     changed = true;
                 }
