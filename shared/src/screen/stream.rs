@@ -22,6 +22,7 @@ use super::{Direction, Screen, Tally};
 use crate::wire::api::{Family, Operation};
 use crate::wire::sse::{self, Item};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// The text of one choice or content block, and what of it is held back.
@@ -131,7 +132,7 @@ pub struct SseScreen {
     family: Family,
     /// One text per choice / content block, with the last event that
     /// carried it (the template of an event made to flush it).
-    streams: BTreeMap<String, (TextStream, Vec<u8>, Value)>,
+    streams: BTreeMap<String, (TextStream, Vec<u8>, Vec<u8>)>,
     blocked: bool,
     /// The answer is compressed and cannot be read: it is refused.
     unreadable: bool,
@@ -259,55 +260,17 @@ impl SseScreen {
             out.extend_from_slice(raw);
             return;
         }
+        if matches!(self.shape, Shape::OpenAiChat | Shape::OpenAiCompletion) {
+            self.openai_event(screen, event_type, data, raw, out, tally);
+            return;
+        }
         let Ok(mut v) = serde_json::from_slice::<Value>(data) else {
             out.extend_from_slice(raw);
             return;
         };
         let mut changed = false;
         match self.shape {
-            Shape::OpenAiChat | Shape::OpenAiCompletion => {
-                let field = if self.shape == Shape::OpenAiChat {
-                    "content"
-                } else {
-                    "text"
-                };
-                let template = v.clone();
-                if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
-                    for c in choices {
-                        let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
-                        let key = format!("{idx}");
-                        let finished = c.get("finish_reason").is_some_and(|f| !f.is_null());
-                        let slot = if self.shape == Shape::OpenAiChat {
-                            c.get_mut("delta")
-                        } else {
-                            Some(&mut *c)
-                        };
-                        let Some(slot) = slot.and_then(Value::as_object_mut) else {
-                            continue;
-                        };
-                        let mut text = None;
-                        if let Some(Value::String(d)) = slot.get(field) {
-                            let s = self.stream(&key, event_type, &template);
-                            text = Some(s.push(screen, d, tally));
-                        }
-                        if finished {
-                            if let Some((s, _, _)) = self.streams.get_mut(&key) {
-                                let rest = s.finish(screen, tally);
-                                if !rest.is_empty() {
-                                    text = Some(text.unwrap_or_default() + &rest);
-                                }
-                            }
-                            self.streams.remove(&key);
-                        }
-                        if let Some(t) = text {
-                            if slot.get(field).and_then(Value::as_str) != Some(&t) {
-                                slot.insert(field.to_string(), Value::String(t));
-                                changed = true;
-                            }
-                        }
-                    }
-                }
-            }
+            Shape::OpenAiChat | Shape::OpenAiCompletion => {}
             Shape::Anthropic => {
                 let kind = v
                     .get("type")
@@ -317,12 +280,9 @@ impl SseScreen {
                 let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
                 let key = format!("{idx}");
                 if kind == "content_block_delta" {
-                    let template = v.clone();
                     if let Some(delta) = v.get_mut("delta").and_then(Value::as_object_mut) {
                         if let Some(Value::String(d)) = delta.get("text") {
-                            let t = self
-                                .stream(&key, event_type, &template)
-                                .push(screen, d, tally);
+                            let t = self.stream(&key, event_type, data).push(screen, d, tally);
                             if delta.get("text").and_then(Value::as_str) != Some(&t) {
                                 delta.insert("text".into(), Value::String(t));
                                 changed = true;
@@ -349,11 +309,8 @@ impl SseScreen {
                     v.get("content_index").and_then(Value::as_u64).unwrap_or(0)
                 );
                 if kind == "response.output_text.delta" {
-                    let template = v.clone();
                     if let Some(Value::String(d)) = v.get("delta") {
-                        let t = self
-                            .stream(&key, event_type, &template)
-                            .push(screen, d, tally);
+                        let t = self.stream(&key, event_type, data).push(screen, d, tally);
                         if v.get("delta").and_then(Value::as_str) != Some(&t) {
                             v["delta"] = Value::String(t);
                             changed = true;
@@ -379,25 +336,97 @@ impl SseScreen {
         }
     }
 
-    fn stream(&mut self, key: &str, event_type: &[u8], template: &Value) -> &mut TextStream {
+    /// An OpenAI chunk: read borrowed, and rewritten (parsed whole) only
+    /// when the text it sends on differs from the text it brought.
+    fn openai_event(
+        &mut self,
+        screen: &Screen,
+        event_type: &[u8],
+        data: &[u8],
+        raw: &[u8],
+        out: &mut Vec<u8>,
+        tally: &mut Tally,
+    ) {
+        let Ok(chunk) = serde_json::from_slice::<ChunkWire<'_>>(data) else {
+            out.extend_from_slice(raw);
+            return;
+        };
+        let chat = self.shape == Shape::OpenAiChat;
+        let mut texts: Vec<Option<String>> = Vec::new();
+        let mut differs = false;
+        for c in chunk.choices.iter().flatten() {
+            let key = c.index.to_string();
+            let original = if chat {
+                c.delta.as_ref().and_then(|d| d.content.as_deref())
+            } else {
+                c.text.as_deref()
+            };
+            let mut text =
+                original.map(|d| self.stream(&key, event_type, data).push(screen, d, tally));
+            if c.finish_reason.is_some() {
+                if let Some((s, _, _)) = self.streams.get_mut(&key) {
+                    let rest = s.finish(screen, tally);
+                    if !rest.is_empty() {
+                        text = Some(text.unwrap_or_default() + &rest);
+                    }
+                }
+                self.streams.remove(&key);
+            }
+            if text.as_deref() != original {
+                differs = true;
+                texts.push(text);
+            } else {
+                texts.push(None);
+            }
+        }
+        if !differs {
+            out.extend_from_slice(raw);
+            return;
+        }
+        let Ok(mut v) = serde_json::from_slice::<Value>(data) else {
+            out.extend_from_slice(raw);
+            return;
+        };
+        let field = if chat { "content" } else { "text" };
+        if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
+            for (c, text) in choices.iter_mut().zip(texts) {
+                let Some(text) = text else { continue };
+                let slot = if chat { c.get_mut("delta") } else { Some(c) };
+                if let Some(slot) = slot.and_then(Value::as_object_mut) {
+                    slot.insert(field.to_string(), Value::String(text));
+                }
+            }
+        }
+        write_event(out, event_type, &v);
+    }
+
+    /// The text of one choice or block; the event is kept (as its bytes,
+    /// parsed again only if a flush needs it) as the template of a flush.
+    fn stream(&mut self, key: &str, event_type: &[u8], data: &[u8]) -> &mut TextStream {
         let entry = self
             .streams
             .entry(key.to_string())
-            .or_insert_with(|| (TextStream::default(), Vec::new(), Value::Null));
-        entry.1 = event_type.to_vec();
-        entry.2 = template.clone();
+            .or_insert_with(|| (TextStream::default(), Vec::new(), Vec::new()));
+        entry.1.clear();
+        entry.1.extend_from_slice(event_type);
+        entry.2.clear();
+        entry.2.extend_from_slice(data);
         &mut entry.0
     }
 
     /// Sends what one text still holds, in an event made like its last delta.
     fn flush(&mut self, screen: &Screen, key: &str, out: &mut Vec<u8>, tally: &mut Tally) {
-        let Some((mut s, event_type, mut template)) = self.streams.remove(key) else {
+        let Some((mut s, event_type, data)) = self.streams.remove(key) else {
             return;
         };
         let rest = s.finish(screen, tally);
         if rest.is_empty() || !tally.blocked.is_empty() {
             return;
         }
+        // It parsed when it came: it parses again.
+        let Ok(mut template) = serde_json::from_slice::<Value>(&data) else {
+            return;
+        };
         let placed = match self.shape {
             Shape::OpenAiChat | Shape::OpenAiCompletion => {
                 let field = if self.shape == Shape::OpenAiChat {
@@ -460,6 +489,31 @@ impl SseScreen {
             self.flush(screen, &k, out, tally);
         }
     }
+}
+
+/// The parts of an OpenAI chunk the screen reads, borrowed.
+#[derive(serde::Deserialize)]
+struct ChunkWire<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChoiceWire<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChoiceWire<'a> {
+    #[serde(default)]
+    index: u64,
+    #[serde(borrow, default)]
+    delta: Option<DeltaWire<'a>>,
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+    #[serde(default)]
+    finish_reason: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct DeltaWire<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
 }
 
 fn write_event(out: &mut Vec<u8>, event_type: &[u8], v: &Value) {
