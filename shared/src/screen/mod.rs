@@ -225,6 +225,8 @@ enum Answer {
     Off,
     /// Read whole after response headers.
     Json,
+    /// Compressed: cannot be screened, so it is replaced by an error.
+    Unreadable,
     Sse(Box<SseScreen>),
 }
 
@@ -542,10 +544,20 @@ impl Stage for ScreenStage {
         });
         if sse {
             headers.remove("content-length");
+            if encoded {
+                // Refused with an error event, which is not compressed.
+                headers.remove("content-encoding");
+            }
             self.answer = Answer::Sse(Box::new(SseScreen::new(api.family, api.operation, encoded)));
             return Step::Continue;
         }
-        self.answer = Answer::Json;
+        self.answer = if encoded {
+            // The error that replaces it is not compressed.
+            headers.remove("content-encoding");
+            Answer::Unreadable
+        } else {
+            Answer::Json
+        };
         Step::ReadBody { hold_headers: true }
     }
 
@@ -553,6 +565,11 @@ impl Stage for ScreenStage {
         let screen = Rc::clone(&self.screen);
         match &mut self.answer {
             Answer::Off => {}
+            Answer::Unreadable => {
+                self.tally
+                    .note("unscreenable", Action::Block, Direction::Response);
+                self.replace_answer(chunk);
+            }
             Answer::Json => {
                 if chunk.is_truncated() {
                     self.tally

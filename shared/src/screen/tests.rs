@@ -783,3 +783,37 @@ fn a_body_that_cannot_be_read_is_refused_not_passed_unscreened() {
         assert_eq!(v["error"]["code"], "invalid_json");
     }
 }
+
+#[test]
+fn a_compressed_answer_is_refused_not_passed_unscreened() {
+    let s = screen(DEMO);
+    let mut ex = Exchange::post(CHAT, &chat("hi")).answer(
+        200,
+        "application/json",
+        vec![vec![0x1f, 0x8b, 8, 0]],
+    );
+    ex.response_headers
+        .push(("content-encoding".into(), "gzip".into()));
+    let (out, _) = run(&s, &ex);
+    assert_eq!(out.client_status, 400);
+    assert!(
+        out.client_text().contains("unscreenable"),
+        "{}",
+        out.client_text()
+    );
+    assert_eq!(out.client_headers.get("content-encoding"), None);
+
+    let mut ex = Exchange::post(CHAT, &chat("hi")).answer(
+        200,
+        "text/event-stream",
+        vec![vec![0x1f, 0x8b, 8, 0]],
+    );
+    ex.response_headers
+        .push(("content-encoding".into(), "gzip".into()));
+    let (out, _) = run(&s, &ex);
+    assert!(
+        out.client_text().starts_with("data: {\"error\""),
+        "{}",
+        out.client_text()
+    );
+}
