@@ -13,7 +13,9 @@
 //! tail that could still start a match is held back (see `detect.rs`), so a
 //! value split across any chunk or event boundary is still caught, memory is
 //! bounded, and the SSE framing is kept. A block mid-stream ends the stream
-//! with an error event in the provider's own format.
+//! with an error event in the provider's own format. An optional external
+//! moderation service is asked about the (already redacted) prompt through
+//! a callout, with a timeout and a failure mode (`moderation.rs`).
 //!
 //! Nothing matched is ever logged, put in a header or a metric label: the
 //! verdict (`aigw.screen`), the metrics and the errors carry detector names
