@@ -567,3 +567,32 @@ fn anthropic_and_responses_streams_are_redacted_in_their_own_format() {
         r.text()
     );
 }
+
+#[test]
+fn a_blocked_json_answer_is_replaced_by_a_400_before_the_client_sees_it() {
+    let g = gateway();
+    let r = g.post(
+        CHAT,
+        "json-block",
+        &[(
+            "x-mock-content",
+            "the plan for project nightingale is ready",
+        )],
+        &chat("hello", false),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["error"]["code"], "content_filter");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("deny_list"));
+    assert!(!r.text().contains("nightingale"));
+    assert_eq!(
+        r.header("content-length"),
+        Some(r.body.len().to_string().as_str())
+    );
+    let line = g.envoy.log_line("json-block").unwrap();
+    assert_eq!(line["screen"], "block");
+    assert_eq!(line["status"], 400);
+}

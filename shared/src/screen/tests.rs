@@ -817,3 +817,64 @@ fn a_compressed_answer_is_refused_not_passed_unscreened() {
         out.client_text()
     );
 }
+
+fn anthropic_stream(deltas: &[&str]) -> Vec<u8> {
+    let mut s = String::from(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"content\":[]}}\n\n",
+    );
+    for d in deltas {
+        s.push_str(&format!(
+            "event: content_block_delta\ndata: {}\n\n",
+            serde_json::json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":d}})
+        ));
+    }
+    s.push_str(
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+    );
+    s.push_str("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n");
+    s.into_bytes()
+}
+
+fn anthropic_text(body: &[u8]) -> String {
+    let mut text = String::new();
+    let mut p = crate::wire::sse::Parser::new(Default::default(), false);
+    p.feed(body, |item| {
+        if let crate::wire::sse::Item::Event(e) = item {
+            let v: Value = serde_json::from_slice(e.data).unwrap();
+            assert_eq!(v["type"].as_str().unwrap().as_bytes(), e.event_type);
+            if let Some(t) = v["delta"]["text"].as_str() {
+                text.push_str(t);
+            }
+        }
+    });
+    text
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn any_chunking_of_an_anthropic_stream_redacts_as_the_whole_text_does(
+        pieces in proptest::collection::vec(piece(), 1..10),
+        splits in proptest::collection::vec(1usize..30, 0..5),
+        cuts in proptest::collection::vec(any::<usize>(), 0..10),
+    ) {
+        let s = screen(r#"{"pii":"redact","secrets":"redact","deny":{"action":"redact","terms":["project nightingale"]}}"#);
+        let whole: String = pieces.concat();
+        let want = redact(&s, &whole);
+        let mut deltas = Vec::new();
+        let mut rest = whole.as_str();
+        for n in splits {
+            let mut at = n.min(rest.len());
+            while !rest.is_char_boundary(at) { at += 1; }
+            let (a, b) = rest.split_at(at);
+            deltas.push(a.to_string());
+            rest = b;
+        }
+        deltas.push(rest.to_string());
+        let refs: Vec<&str> = deltas.iter().map(String::as_str).collect();
+        let body = anthropic_stream(&refs);
+        let out = run_stream(&s, "/v1/messages", split_at_points(&body, &cuts));
+        prop_assert_eq!(anthropic_text(&out.client_body), want);
+    }
+}
