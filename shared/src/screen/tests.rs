@@ -549,6 +549,23 @@ fn split_at_points(body: &[u8], points: &[usize]) -> Vec<Vec<u8>> {
     out
 }
 
+/// `whole` cut into deltas of the given lengths (at char boundaries), and the rest.
+fn split_deltas(whole: &str, splits: &[usize]) -> Vec<String> {
+    let mut deltas = Vec::new();
+    let mut rest = whole;
+    for &n in splits {
+        let mut at = n.min(rest.len());
+        while !rest.is_char_boundary(at) {
+            at += 1;
+        }
+        let (a, b) = rest.split_at(at);
+        deltas.push(a.to_string());
+        rest = b;
+    }
+    deltas.push(rest.to_string());
+    deltas
+}
+
 fn piece() -> impl Strategy<Value = String> {
     prop_oneof![
         Just("bob@corp.io".to_string()),
@@ -581,16 +598,7 @@ proptest! {
         let whole: String = pieces.concat();
         let want = redact(&s, &whole);
         // Deltas cut at arbitrary char boundaries, then the bytes cut anywhere.
-        let mut deltas = Vec::new();
-        let mut rest = whole.as_str();
-        for n in splits {
-            let mut at = n.min(rest.len());
-            while !rest.is_char_boundary(at) { at += 1; }
-            let (a, b) = rest.split_at(at);
-            deltas.push(a.to_string());
-            rest = b;
-        }
-        deltas.push(rest.to_string());
+        let deltas = split_deltas(&whole, &splits);
         let refs: Vec<&str> = deltas.iter().map(String::as_str).collect();
         let body = openai_stream(&refs);
         let out = run_stream(&s, CHAT, split_at_points(&body, &cuts));
@@ -862,16 +870,7 @@ proptest! {
         let s = screen(r#"{"pii":"redact","secrets":"redact","deny":{"action":"redact","terms":["project nightingale"]}}"#);
         let whole: String = pieces.concat();
         let want = redact(&s, &whole);
-        let mut deltas = Vec::new();
-        let mut rest = whole.as_str();
-        for n in splits {
-            let mut at = n.min(rest.len());
-            while !rest.is_char_boundary(at) { at += 1; }
-            let (a, b) = rest.split_at(at);
-            deltas.push(a.to_string());
-            rest = b;
-        }
-        deltas.push(rest.to_string());
+        let deltas = split_deltas(&whole, &splits);
         let refs: Vec<&str> = deltas.iter().map(String::as_str).collect();
         let body = anthropic_stream(&refs);
         let out = run_stream(&s, "/v1/messages", split_at_points(&body, &cuts));
