@@ -2,7 +2,9 @@
 # The main command: starts the gateway (Envoy with the aigw filters, from
 # envoy/gateway.yaml) on 127.0.0.1:${AIGW_PORT:-10000}, admin on
 # ${AIGW_ADMIN_PORT:-9901}, in front of ${AIGW_UPSTREAM} — or of the built-in
-# mock LLM when AIGW_UPSTREAM is unset. Ctrl-C stops everything it started.
+# mock LLM when AIGW_UPSTREAM is unset. AIGW_CONFIG=<an Envoy YAML> runs
+# another configuration (any example under envoy/) in its place, with the
+# same substitutions. Ctrl-C stops everything it started.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -35,7 +37,8 @@ else
 fi
 
 config="${AIGW_CONFIG:-$ROOT/envoy/gateway.yaml}"
-[ -f "$config" ] || die "AIGW_CONFIG=$config: no such file"
+case "$config" in /*) ;; *) config="$PWD/$config" ;; esac
+[ -f "$config" ] || die "AIGW_CONFIG: $config is not a file"
 "$ROOT/target/release/aigw-config" "$config" "$port" "$admin_port" \
   "$upstream" "$access_log" "$WASM_DIR" "${AIGW_UPSTREAM_CA:-}" >"$work/gateway.yaml"
 "$ENVOY" -c "$work/gateway.yaml" --concurrency "${AIGW_CONCURRENCY:-2}" --disable-hot-restart \

@@ -374,6 +374,14 @@ impl Stage for Chain {
         self.stages[..self.upper()].iter().any(|s| s.holding())
     }
 
+    /// The status the topmost stage that replaced the answer gave it: it
+    /// is the last to see the answer, as the outermost filter is.
+    fn response_status(&self) -> Option<u16> {
+        self.stages[..self.upper()]
+            .iter()
+            .find_map(|s| s.response_status())
+    }
+
     fn reads_own_reply(&self) -> bool {
         true
     }
@@ -383,10 +391,11 @@ impl Stage for Chain {
 /// parsed by that stage's own code; a stage left out is off.
 pub struct Bundle {
     meter: Option<Rc<crate::meter::Meter>>,
+    screen: Option<Rc<crate::screen::Screen>>,
 }
 
 /// The stages the bundle knows, in chain order, by their configuration key.
-pub const STAGES: &[&str] = &["token_meter"];
+pub const STAGES: &[&str] = &["token_meter", "content_screen"];
 
 fn compile<F: Filter>(
     key: &str,
@@ -421,6 +430,7 @@ impl Filter for Bundle {
         }
         Ok(Bundle {
             meter: compile::<crate::meter::Meter>("token_meter", &doc)?,
+            screen: compile::<crate::screen::Screen>("content_screen", &doc)?,
         })
     }
 
@@ -428,6 +438,9 @@ impl Filter for Bundle {
         let mut stages: Vec<Box<dyn Stage>> = Vec::new();
         if let Some(m) = &bundle.meter {
             stages.push(Box::new(crate::meter::Meter::stage(m)));
+        }
+        if let Some(s) = &bundle.screen {
+            stages.push(Box::new(crate::screen::Screen::stage(s)));
         }
         Chain::new(stages)
     }

@@ -322,6 +322,9 @@ impl Run<'_> {
                 } else {
                     client_body = whole;
                 }
+                if let (true, Some(status)) = (hold_headers, stage.response_status()) {
+                    rh.set(":status", status.to_string());
+                }
             }
             _ => {
                 if header_only {

@@ -380,6 +380,51 @@ impl<S: Stage> StageHttp<S> {
         }
     }
 
+    /// Hands a response read whole (after `Step::ReadBody`) to the stage
+    /// and applies what it changed: body, Content-Length, status.
+    fn read_whole_response(
+        &mut self,
+        body_size: usize,
+        truncated: bool,
+        end_of_stream: bool,
+        trailers: bool,
+    ) -> Action {
+        let mut chunk = if truncated {
+            Chunk::truncated()
+        } else {
+            Chunk::new(
+                hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default(),
+            )
+        };
+        self.stage
+            .response_body(env!(self), &mut chunk, end_of_stream);
+        if chunk.is_changed() {
+            let _ =
+                hostcalls::set_buffer(BufferType::HttpResponseBody, 0, body_size, chunk.bytes());
+            if self.response_headers_held {
+                if let Some(h) = &mut self.response_headers {
+                    // Trailers need a chunked answer: no length then.
+                    if trailers {
+                        h.remove("content-length");
+                    } else {
+                        h.set("content-length", chunk.bytes().len().to_string());
+                    }
+                }
+            }
+        }
+        if let (true, Some(status)) = (self.response_headers_held, self.stage.response_status()) {
+            if let Some(h) = &mut self.response_headers {
+                h.set(":status", status.to_string());
+            }
+        }
+        self.flush_response_headers();
+        self.response_headers_held = false;
+        Action::Continue
+    }
+
     fn flush_response_headers(&mut self) {
         if let Some(h) = &mut self.response_headers {
             apply(MapType::HttpResponseHeaders, h.take_edits());
@@ -710,34 +755,7 @@ impl<S: Stage> HttpContext for StageHttp<S> {
                 return Action::Pause;
             }
             self.reading_response_body = false;
-            let mut chunk = if truncated {
-                Chunk::truncated()
-            } else {
-                Chunk::new(
-                    hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size)
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default(),
-                )
-            };
-            self.stage
-                .response_body(env!(self), &mut chunk, end_of_stream);
-            if chunk.is_changed() {
-                let _ = hostcalls::set_buffer(
-                    BufferType::HttpResponseBody,
-                    0,
-                    body_size,
-                    chunk.bytes(),
-                );
-                if self.response_headers_held {
-                    if let Some(h) = &mut self.response_headers {
-                        h.set("content-length", chunk.bytes().len().to_string());
-                    }
-                }
-            }
-            self.flush_response_headers();
-            self.response_headers_held = false;
-            return Action::Continue;
+            return self.read_whole_response(body_size, truncated, end_of_stream, false);
         }
 
         // Streaming. After a pause the buffer starts with what was already
@@ -786,9 +804,43 @@ impl<S: Stage> HttpContext for StageHttp<S> {
         Action::Continue
     }
 
-    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        if (self.replied && !self.stage.reads_own_reply()) || self.reading_response_body {
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        // A request that ends with trailers has no end-of-stream body
+        // callback: the body the stage waits for is all there now.
+        if !self.reading_request_body || self.waiting.is_some() {
             return Action::Continue;
+        }
+        self.reading_request_body = false;
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let size = body.len();
+        let body = if size > self.stage.max_body() {
+            RequestBody::truncated()
+        } else {
+            RequestBody::new(body)
+        };
+        let action = self.run_request_body(body, size);
+        self.request_headers_held = false;
+        action
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.replied && !self.stage.reads_own_reply() {
+            return Action::Continue;
+        }
+        if self.reading_response_body {
+            // The answer the stage waits to read whole ends with trailers:
+            // it is all in Envoy's buffer now. (Letting it go unread would
+            // pass an answer unscreened.)
+            self.reading_response_body = false;
+            let size = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, usize::MAX)
+                .ok()
+                .flatten()
+                .map_or(0, |b| b.len());
+            let truncated = size > self.stage.max_body();
+            return self.read_whole_response(size, truncated, true, true);
         }
         // A response that ends with trailers never has an end-of-stream body
         // callback; it is complete all the same. What the stage still holds

@@ -23,3 +23,4 @@ pub mod meter; // token-meter: usage, prices, metrics, the access-log line
 
 // All of them in one VM.
 pub mod bundle; // the chain of stages, facts in memory, one body read
+pub mod screen; // content-screen: PII, secrets, injection, deny list, budgets; prompts and answers

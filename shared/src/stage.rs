@@ -343,6 +343,14 @@ pub trait Stage {
         Step::Continue
     }
 
+    /// A status to give the response instead of the upstream's, asked after
+    /// [`Stage::response_body`] read a held response whole (a stage that
+    /// replaced the answer, a blocked one say). Only used while the
+    /// response headers are held.
+    fn response_status(&self) -> Option<u16> {
+        None
+    }
+
     /// The answer to a callout this stage dispatched, while it waits.
     /// `headers` are those of the step that waits (request or response).
     fn on_callout(

@@ -484,20 +484,26 @@ pub fn all_five(gateway_yaml: &str) -> Result<String, String> {
         .ok_or("no router in gateway.yaml")?;
     let mut extra = String::new();
     for name in OTHER_MODULES {
+        // A module gateway.yaml already chains keeps its configuration.
+        let under = name.replace('-', "_");
+        if gateway_yaml.contains(&format!("- name: aigw.{under}\n")) {
+            continue;
+        }
         extra.push_str(&format!(
             "          - name: aigw.{under}
             typed_config:
               \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
                 name: {name}
+                # Filters that read the body hold the request headers meanwhile.
+                allow_on_headers_stop_iteration: true
                 failure_policy: FAIL_RELOAD
                 vm_config:
                   vm_id: aigw-{name}
                   runtime: envoy.wasm.runtime.v8
                   code:
                     local: {{ filename: target/wasm/{name}.wasm }}  # aigw:wasm_dir
-",
-            under = name.replace('-', "_")
+"
         ));
     }
     Ok(format!(

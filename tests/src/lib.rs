@@ -5,4 +5,5 @@
 pub mod client;
 pub mod harness;
 pub mod mock;
+pub mod moderation; // a mock moderation service for content-screen
 pub mod render;

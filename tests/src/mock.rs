@@ -13,6 +13,7 @@
 //! pieces `"w0 "`, `"w1 "`, ..., one token each; R = `x-mock-reasoning-tokens`
 //! (OpenAI counts it inside the completion); K = `x-mock-cached-tokens`;
 //! W = `x-mock-cache-creation-tokens` (Anthropic `input_tokens` = P - K - W).
+//! `x-mock-content: <text>` answers that text instead, one piece per word.
 //!
 //! Transport knobs (request headers): `x-mock-status`, `x-mock-ttft-ms`,
 //! `x-mock-chunk-delay-ms`, `x-mock-split-bytes` + `x-mock-split-delay-ms`,
@@ -505,6 +506,9 @@ struct Knobs {
     cached: u64,
     cache_creation: u64,
     response_model: Option<String>,
+    /// `x-mock-content`: the answer text, one piece per word (with the
+    /// space after it), instead of `w0 w1 ...`.
+    content: Option<String>,
 }
 
 impl Default for Knobs {
@@ -531,6 +535,7 @@ impl Default for Knobs {
             cached: 0,
             cache_creation: 0,
             response_model: None,
+            content: None,
         }
     }
 }
@@ -637,6 +642,7 @@ impl Knobs {
             reasoning: num_knob(h, "x-mock-reasoning-tokens")?.unwrap_or(0),
             cached: num_knob(h, "x-mock-cached-tokens")?.unwrap_or(0),
             cache_creation: num_knob(h, "x-mock-cache-creation-tokens")?.unwrap_or(0),
+            content: header_of(h, "x-mock-content").map(str::to_string),
             response_model: header_of(h, "x-mock-response-model")
                 .map(str::trim)
                 .filter(|m| !m.is_empty())
@@ -885,11 +891,15 @@ fn respond(req: &Request) -> Reply {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "mock-model".to_string());
+    let pieces: Vec<String> = match &knobs.content {
+        Some(text) => text.split_inclusive(' ').map(str::to_string).collect(),
+        None => (0..knobs.chunks).map(|i| format!("w{i} ")).collect(),
+    };
     let counts = Counts {
         p: knobs
             .prompt_tokens
             .unwrap_or_else(|| prompt_words(route.endpoint, &body)),
-        c: knobs.chunks as u64,
+        c: pieces.len() as u64,
         r: knobs.reasoning,
         k: knobs.cached,
         w: knobs.cache_creation,
@@ -897,7 +907,7 @@ fn respond(req: &Request) -> Reply {
     let ctx = Ctx {
         model: js(&model),
         counts,
-        pieces: (0..knobs.chunks).map(|i| format!("w{i} ")).collect(),
+        pieces,
         omit_usage: knobs.omit_usage,
     };
     let stream = body.get("stream").and_then(Value::as_bool) == Some(true);

@@ -54,7 +54,12 @@ fn check_filter_config(plugin: &str, json: &str, origin: &str) {
                 panic!("{origin}: the bundle rejects its configuration: {e}\n{json}");
             }
         }
-        "rate-limit" | "prompt-cache" | "model-router" | "content-screen" => {
+        "content-screen" => {
+            if let Err(e) = aigw_shared::screen::Screen::from_json(json.as_bytes()) {
+                panic!("{origin}: content-screen rejects its configuration: {e}\n{json}");
+            }
+        }
+        "rate-limit" | "prompt-cache" | "model-router" => {
             if let Err(e) =
                 aigw_shared::config::parse::<aigw_shared::config::Empty>(json.as_bytes())
             {

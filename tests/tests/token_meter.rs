@@ -30,6 +30,22 @@ fn gateway() -> Gateway {
     Gateway { envoy, mock }
 }
 
+/// gateway.yaml without content-screen, for what the screen changes on
+/// purpose: it refuses answers it cannot read (compressed ones) and bodies
+/// past its limit, which the meter alone passes through.
+fn meter_only() -> Gateway {
+    let yaml =
+        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let start = yaml
+        .find("          - name: aigw.content_screen\n")
+        .unwrap();
+    let end = start + yaml[start + 1..].find("          - name: ").unwrap() + 1;
+    let yaml = format!("{}{}", &yaml[..start], &yaml[end..]);
+    let mock = MockLlm::start().expect("mock LLM starts");
+    let envoy = Envoy::start_text(&yaml, mock.addr()).unwrap_or_else(|e| panic!("{e}"));
+    Gateway { envoy, mock }
+}
+
 impl Gateway {
     fn post(&self, path: &str, consumer: &str, extra: &[(&str, &str)], body: &str) -> Response {
         let mut headers = vec![
@@ -421,7 +437,9 @@ fn cut_streams_are_logged_and_estimated() {
 
 #[test]
 fn errors_pass_through_and_are_never_usage() {
-    let gw = gateway();
+    // content-screen answers a body it cannot read itself (it refuses to
+    // pass it unscreened); here the upstream's own errors are the subject.
+    let gw = meter_only();
     let cases: &[(&str, &str, &[(&str, &str)], &str, u16)] = &[
         (
             "rate-limited",
@@ -483,7 +501,7 @@ fn errors_pass_through_and_are_never_usage() {
 
 #[test]
 fn compressed_responses_are_metered() {
-    let gw = gateway();
+    let gw = meter_only();
     // A client that accepts gzip: the upstream is asked for identity.
     let resp = gw.post(
         "/v1/chat/completions",
@@ -531,7 +549,8 @@ fn compressed_responses_are_metered() {
 
 #[test]
 fn compressed_answers_are_read_within_bounds() {
-    let gw = gateway();
+    // content-screen refuses answers it cannot read; the meter reads them.
+    let gw = meter_only();
     let stream = chat(Some(json!({"include_usage": true})));
     let cases: &[(&str, &[(&str, &str)], &str, &str, u64)] = &[
         // 512 MiB of spaces before the usage, ~500 KiB on the wire: the meter
@@ -1120,6 +1139,10 @@ fn works_where_request_headers_cannot_be_held() {
         .replace(
             "\"consumer_header\": \"x-aigw-consumer\",",
             "\"consumer_header\": \"x-aigw-consumer\", \"hold_request_headers\": false,",
+        )
+        .replace(
+            "\"pii\": \"redact\",",
+            "\"pii\": \"redact\", \"hold_request_headers\": false,",
         );
     assert!(yaml.contains("\"hold_request_headers\": false"));
     let mock = MockLlm::start().unwrap();
@@ -1143,7 +1166,7 @@ fn works_where_request_headers_cannot_be_held() {
 
 #[test]
 fn oversized_request_bodies_pass_unread() {
-    let gw = gateway();
+    let gw = meter_only();
     // 10 MB of prompt: past the meter's 8 MiB default, under Envoy's 16 MiB buffer.
     let body = json!({"model": "gpt-4o", "stream": true,
                       "messages": [{"role": "user", "content": "word ".repeat(2_000_000)}]})

@@ -32,6 +32,8 @@ struct Opts {
     /// Rows of the floor fixture instead: what a wasm filter costs before
     /// it does anything, step by step.
     floor: bool,
+    /// Bytes of user prompt (default: a short question).
+    prompt_bytes: Option<usize>,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -41,6 +43,7 @@ fn parse_opts() -> Result<Opts, String> {
         repeat: 3,
         instructions: 0,
         floor: false,
+        prompt_bytes: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -58,6 +61,11 @@ fn parse_opts() -> Result<Opts, String> {
             "--connections" => opts.connections = value("--connections")? as usize,
             "--repeat" => opts.repeat = value("--repeat")?,
             "--instructions" => opts.instructions = value("--instructions")?,
+            "--prompt-bytes" => {
+                let n = value("--prompt-bytes")? as usize;
+                PROMPT_BYTES.store(n, std::sync::atomic::Ordering::Relaxed);
+                opts.prompt_bytes = Some(n);
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -367,15 +375,22 @@ impl Answer {
     }
 }
 
+/// Bytes of user prompt from `--prompt-bytes` (0: the short question).
+static PROMPT_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Request `n` of a row: each prompt is distinct (so a cache misses), but
 /// for the `hit` row.
 fn request(answer: Answer, n: u64) -> Vec<u8> {
     // About 1 KiB of JSON, like a short chat turn with a system prompt.
     let system = "You are a helpful assistant. ".repeat(20);
-    let user = match answer {
+    let mut user = match answer {
         Answer::Hit => "Summarise the plot of a short story in three sentences.".to_string(),
         _ => format!("Summarise the plot of short story number {n} in three sentences."),
     };
+    let want = PROMPT_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+    while user.len() < want {
+        user.push_str(" The story is set in a small town by the sea.");
+    }
     let stream = matches!(answer, Answer::Stream | Answer::Long);
     let body = serde_json::json!({
         "model": "gpt-4o",
@@ -492,11 +507,13 @@ fn run() -> Result<(), String> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = cores >= 2 && pin(std::process::id(), "0");
     println!(
-        "best of {} runs of {} s per row, {} connections, Envoy with 1 worker{}, mock LLM on loopback (5 chunks per answer)\n",
+        "best of {} runs of {} s per row, {} connections, Envoy with 1 worker{}, mock LLM on loopback (5 chunks per answer), {}\n",
         opts.repeat,
         opts.seconds,
         opts.connections,
-        if pinned { " pinned to CPU 1 (load and mock on CPU 0)" } else { " (not pinned)" }
+        if pinned { " pinned to CPU 1 (load and mock on CPU 0)" } else { " (not pinned)" },
+        opts.prompt_bytes
+            .map_or("a ~1 KiB chat request".to_string(), |n| format!("a user prompt of {n} bytes"))
     );
     println!(
         "{:<18} {:<7} {:>9} {:>9} {:>8} {:>8} {:>12} {:>9} {:>9}",

@@ -1,0 +1,195 @@
+//! The text detectors read: NFKC-normalised, whitespace folded, with a map
+//! back to the bytes the user sent.
+//!
+//! Matching after normalisation is what makes `ｐａｓｓｗｏｒｄ` and
+//! `pass\n\t word` hit the same rules as their plain forms; redaction must
+//! still cut the original text, so each normalised byte remembers the
+//! original span it came from. Normalisation works on groups (a starter and
+//! the combining marks after it), the unit NFKC composes within, so a group
+//! maps to one original span. Plain ASCII without whitespace runs, the common
+//! case, is borrowed as it is and needs no map.
+
+use std::borrow::Cow;
+use unicode_normalization::char::is_combining_mark;
+use unicode_normalization::UnicodeNormalization;
+
+/// Normalised text and where each of its bytes came from.
+#[derive(Debug)]
+pub struct Normalized<'a> {
+    pub text: Cow<'a, str>,
+    /// Per normalised byte, the original span of its group; `None` when the
+    /// text is the original.
+    spans: Option<Vec<(u32, u32)>>,
+    original_len: usize,
+}
+
+fn plain(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter()
+        .all(|c| c.is_ascii() && !matches!(c, b'\t' | b'\n' | b'\r' | 0x0b | 0x0c))
+        && !b.windows(2).any(|w| w == b"  ")
+}
+
+impl<'a> Normalized<'a> {
+    pub fn new(original: &'a str) -> Normalized<'a> {
+        if plain(original) {
+            return Normalized {
+                text: Cow::Borrowed(original),
+                spans: None,
+                original_len: original.len(),
+            };
+        }
+        let mut text = String::with_capacity(original.len());
+        let mut spans: Vec<(u32, u32)> = Vec::with_capacity(original.len());
+        let mut folded_space = false;
+        let mut chars = original.char_indices().peekable();
+        let mut group = String::new();
+        while let Some((start, c)) = chars.next() {
+            let span = (start as u32, (start + c.len_utf8()) as u32);
+            let next_is_mark = chars.peek().is_some_and(|&(_, m)| is_combining_mark(m));
+            if c.is_ascii() && !next_is_mark {
+                // ASCII is its own NFKC form: only whitespace changes.
+                if c.is_whitespace() {
+                    if folded_space {
+                        if let Some(last) = spans.last_mut() {
+                            last.1 = span.1;
+                        }
+                    } else {
+                        folded_space = true;
+                        text.push(' ');
+                        spans.push(span);
+                    }
+                } else {
+                    folded_space = false;
+                    text.push(c);
+                    spans.push(span);
+                }
+                continue;
+            }
+            group.clear();
+            group.push(c);
+            let mut end = start + c.len_utf8();
+            while let Some(&(i, m)) = chars.peek() {
+                if !is_combining_mark(m) {
+                    break;
+                }
+                group.push(m);
+                end = i + m.len_utf8();
+                chars.next();
+            }
+            let span = (start as u32, end as u32);
+            for n in group.nfkc() {
+                if n.is_whitespace() {
+                    if folded_space {
+                        // One space stands for the whole run: it maps to all of it.
+                        if let Some(last) = spans.last_mut() {
+                            last.1 = span.1;
+                        }
+                        continue;
+                    }
+                    folded_space = true;
+                    text.push(' ');
+                    spans.push(span);
+                } else {
+                    folded_space = false;
+                    let mut buf = [0u8; 4];
+                    let s = n.encode_utf8(&mut buf);
+                    text.push_str(s);
+                    for _ in 0..s.len() {
+                        spans.push(span);
+                    }
+                }
+            }
+        }
+        Normalized {
+            text: Cow::Owned(text),
+            spans: Some(spans),
+            original_len: original.len(),
+        }
+    }
+
+    /// The original span of the normalised span `start..end`.
+    pub fn original(&self, start: usize, end: usize) -> (usize, usize) {
+        match &self.spans {
+            None => (start, end),
+            Some(spans) => {
+                let a = self.original_start(start);
+                let b = if end == 0 {
+                    0
+                } else {
+                    spans
+                        .get(end - 1)
+                        .map_or(self.original_len, |s| s.1 as usize)
+                };
+                (a, b.max(a))
+            }
+        }
+    }
+
+    /// The original offset where the group holding normalised byte `at`
+    /// starts (the end of the original for `at` past the end).
+    pub fn original_start(&self, at: usize) -> usize {
+        match &self.spans {
+            None => at.min(self.original_len),
+            Some(spans) => spans.get(at).map_or(self.original_len, |s| s.0 as usize),
+        }
+    }
+
+    /// The first normalised offset whose group starts at or after original `at`.
+    pub fn normalized_at(&self, at: usize) -> usize {
+        match &self.spans {
+            None => at.min(self.text.len()),
+            Some(spans) => spans.partition_point(|s| (s.0 as usize) < at),
+        }
+    }
+}
+
+/// Start of the last group (a starter and its combining marks) of `s`: the
+/// part a following combining mark could still change.
+pub fn last_group_start(s: &str) -> usize {
+    let mut at = s.len();
+    for (i, c) in s.char_indices().rev() {
+        at = i;
+        if !is_combining_mark(c) {
+            break;
+        }
+    }
+    at
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_text_is_borrowed() {
+        let n = Normalized::new("hello world");
+        assert!(matches!(n.text, Cow::Borrowed(_)));
+        assert_eq!(n.original(6, 11), (6, 11));
+    }
+
+    #[test]
+    fn folds_whitespace_and_compatibility_forms_and_maps_back() {
+        let s = "ｐａｓｓ \n\t word ﬁx";
+        let n = Normalized::new(s);
+        assert_eq!(n.text, "pass word fix");
+        let at = n.text.find("word").unwrap();
+        let (a, b) = n.original(at, at + 4);
+        assert_eq!(&s[a..b], "word");
+        let (a, b) = n.original(4, 5);
+        assert_eq!(&s[a..b], " \n\t ");
+        // "i" of the ligature maps to the whole ligature.
+        let (a, b) = n.original(n.text.len() - 2, n.text.len() - 1);
+        assert_eq!(&s[a..b], "ﬁ");
+        assert_eq!(n.normalized_at(s.find('w').unwrap()), at);
+    }
+
+    #[test]
+    fn composes_combining_marks() {
+        let n = Normalized::new("cafe\u{301} ok");
+        assert_eq!(n.text, "café ok");
+        assert_eq!(last_group_start("cafe\u{301}"), 3);
+        assert_eq!(last_group_start("ab"), 1);
+        assert_eq!(last_group_start(""), 0);
+    }
+}
