@@ -306,6 +306,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)] // a table of cases reads best inline
     fn consumers_resolve_from_each_source_in_order() {
         let alice = key_digest("sk-alice");
         let keys = format!(r#""api_keys": {{"{alice}": "alice"}}"#);

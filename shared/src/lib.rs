@@ -21,3 +21,4 @@ pub mod wire; // api, request, sse, json_scan, decode, usage
 
 // One folder per stage.
 pub mod meter; // token-meter: usage, prices, metrics, the access-log line
+pub mod ratelimit; // rate-limit: rules, local counters, the rate limit service, 429s
