@@ -16,7 +16,14 @@ use std::collections::HashMap;
 
 /// Labels the filters put in stat names; every Envoy YAML under `envoy/` needs
 /// a `stats_tags` rule `(;label=([^;]*))` for each (a test checks).
-pub const LABELS: &[&str] = &["model", "consumer", "token_type", "usage_source"];
+pub const LABELS: &[&str] = &[
+    "model",
+    "consumer",
+    "token_type",
+    "usage_source",
+    "rule",
+    "outcome",
+];
 
 /// The value a label takes when series are capped or the value is unknown.
 pub const OTHER: &str = "other";

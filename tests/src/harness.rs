@@ -108,6 +108,18 @@ impl Envoy {
         upstream_ca: Option<&Path>,
         clusters: &[(&str, SocketAddr)],
     ) -> Result<Envoy, String> {
+        Envoy::start_with_workers(yaml, upstream, upstream_ca, clusters, 1)
+    }
+
+    /// As [`Envoy::start_with_clusters`], with `workers` worker threads
+    /// (`--concurrency`), for tests of what workers share.
+    pub fn start_with_workers(
+        yaml: &str,
+        upstream: &str,
+        upstream_ca: Option<&Path>,
+        clusters: &[(&str, SocketAddr)],
+        workers: u32,
+    ) -> Result<Envoy, String> {
         let envoy = envoy_bin();
         if !envoy.exists() {
             return Err(format!(
@@ -142,7 +154,11 @@ impl Envoy {
         let child = Command::new(&envoy)
             .arg("-c")
             .arg(&config)
-            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .args([
+                "--concurrency",
+                &workers.to_string(),
+                "--disable-hot-restart",
+            ])
             .args(["--file-flush-interval-msec", "100"])
             .args(["-l", "info", "--log-path"])
             .arg(&log)

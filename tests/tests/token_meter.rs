@@ -703,6 +703,10 @@ fn works_where_request_headers_cannot_be_held() {
         .replace(
             "\"consumer_header\": \"x-aigw-consumer\",",
             "\"consumer_header\": \"x-aigw-consumer\", \"hold_request_headers\": false,",
+        )
+        .replace(
+            "\"identity\": {",
+            "\"hold_request_headers\": false, \"identity\": {",
         );
     assert!(yaml.contains("\"hold_request_headers\": false"));
     let mock = MockLlm::start().unwrap();

@@ -24,6 +24,12 @@ pub struct RateLimitConfig {
     pub response_headers: Option<bool>,
     /// Distinct metric series per VM before consumer folds into `other` (default 4096).
     pub max_metric_series: Option<usize>,
+    /// Hold request headers while the body is read, so nothing reaches the
+    /// upstream before the decision (default true; needs Envoy's
+    /// `allow_on_headers_stop_iteration`). False lets the headers go on and
+    /// a denial resets the upstream request: for hosts that cannot set that
+    /// option, such as Istio's WasmPlugin.
+    pub hold_request_headers: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,6 +193,7 @@ pub struct Compiled {
     pub default_max_tokens: u64,
     pub response_headers: bool,
     pub max_metric_series: usize,
+    pub hold_request_headers: bool,
 }
 
 /// Largest limit accepted: past this a counter means nothing.
@@ -465,5 +472,6 @@ pub fn compile(c: RateLimitConfig) -> Result<Compiled, ConfigError> {
         default_max_tokens: default_max_tokens as u64,
         response_headers: c.response_headers.unwrap_or(true),
         max_metric_series,
+        hold_request_headers: c.hold_request_headers.unwrap_or(true),
     })
 }

@@ -55,15 +55,21 @@ pub fn create_slots(shared: &mut dyn SharedData, prefix: &str) {
     for i in 0..SLOTS {
         let key = format!("{prefix}/{i}");
         if shared.get(&key).is_none() {
-            let _ = shared.set(&key, &[], None);
+            let _ = shared.set(&key, &[VERSION], None);
         }
     }
 }
 
 const ENTRY: usize = 24;
+/// The first byte of every slot. A slot is never empty: the SDK reads an
+/// empty shared-data value back as no value at all.
+const VERSION: u8 = 1;
 
 /// (subject, window start, count) entries.
 fn decode(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
+    let Some((&VERSION, bytes)) = bytes.split_first() else {
+        return Vec::new();
+    };
     bytes
         .chunks_exact(ENTRY)
         .filter_map(|c| {
@@ -76,7 +82,8 @@ fn decode(bytes: &[u8]) -> Vec<(u64, u64, u64)> {
 }
 
 fn encode(entries: &[(u64, u64, u64)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(entries.len() * ENTRY);
+    let mut out = Vec::with_capacity(1 + entries.len() * ENTRY);
+    out.push(VERSION);
     for (s, w, c) in entries {
         out.extend_from_slice(&s.to_le_bytes());
         out.extend_from_slice(&w.to_le_bytes());
@@ -125,7 +132,7 @@ pub fn change(
             // Not created at start (a configuration that grew): create it now.
             // The race this invites is the one create_slots avoids, once per slot.
             shared
-                .set(&place.key, &[], None)
+                .set(&place.key, &[VERSION], None)
                 .map_err(|_| Refused::Store)?;
             continue;
         };

@@ -737,7 +737,9 @@ impl Stage for RateLimitStage {
             env.state.set(facts::RATELIMIT, b"off");
             return Step::Continue;
         }
-        Step::ReadBody { hold_headers: true }
+        Step::ReadBody {
+            hold_headers: self.f.c.hold_request_headers,
+        }
     }
 
     fn request_body(
