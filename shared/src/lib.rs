@@ -22,3 +22,6 @@ pub mod wire; // api, request, sse, json_scan, decode, usage
 // One folder per stage.
 pub mod meter; // token-meter: usage, prices, metrics, the access-log line
 pub mod ratelimit; // rate-limit: rules, local counters, the rate limit service, 429s
+
+// All of them in one VM.
+pub mod bundle; // the chain of stages, facts in memory, one body read

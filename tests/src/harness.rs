@@ -36,6 +36,23 @@ pub fn wasm_dir() -> PathBuf {
     }
 }
 
+/// The gateway YAML the integration tests run: the separate filters
+/// (`envoy/gateway.yaml`, the default) or, with `AIGW_SHAPE=bundle`, the
+/// same gateway as one module (`envoy/gateway-bundle.yaml`). The test
+/// command runs the suite in both shapes, so a behaviour cannot work in one
+/// and not the other.
+pub fn gateway_yaml_path() -> &'static str {
+    match std::env::var("AIGW_SHAPE").as_deref() {
+        Ok("bundle") => "envoy/gateway-bundle.yaml",
+        _ => "envoy/gateway.yaml",
+    }
+}
+
+/// The text of [`gateway_yaml_path`].
+pub fn gateway_yaml() -> String {
+    std::fs::read_to_string(root().join(gateway_yaml_path())).unwrap_or_default()
+}
+
 /// A port free right now on loopback.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -80,6 +97,11 @@ impl Envoy {
     /// Starts Envoy with a YAML from the repository (`envoy/gateway.yaml`)
     /// in front of `upstream`, and waits until it is ready.
     pub fn start(yaml: &str, upstream: SocketAddr) -> Result<Envoy, String> {
+        let yaml = if yaml == "envoy/gateway.yaml" {
+            gateway_yaml_path()
+        } else {
+            yaml
+        };
         let text =
             std::fs::read_to_string(root().join(yaml)).map_err(|e| format!("{yaml}: {e}"))?;
         Envoy::start_text(&text, upstream)

@@ -670,8 +670,7 @@ fn an_unreachable_upstream_gets_an_openai_shaped_error() {
 
 #[test]
 fn a_bad_configuration_is_refused_with_field_and_reason() {
-    let yaml =
-        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let yaml = aigw_tests::harness::gateway_yaml();
     let bad = yaml.replace(
         "\"consumer_header\": \"x-aigw-consumer\"",
         "\"consumer_heder\": \"x-aigw-consumer\"",
@@ -682,19 +681,18 @@ fn a_bad_configuration_is_refused_with_field_and_reason() {
         Ok(_) => panic!("envoy accepted a configuration with a typo"),
         Err(e) => e,
     };
-    assert!(
-        err.contains(
-            "token-meter: invalid configuration: consumer_heder: unknown field `consumer_heder`"
-        ),
-        "{err}"
-    );
+    // The bundle names the stage in front of the field.
+    let want = match aigw_tests::harness::gateway_yaml_path() {
+        "envoy/gateway-bundle.yaml" => "gateway: invalid configuration: token_meter.consumer_heder: unknown field `consumer_heder`",
+        _ => "token-meter: invalid configuration: consumer_heder: unknown field `consumer_heder`",
+    };
+    assert!(err.contains(want), "{err}");
 }
 
 #[test]
 fn works_where_request_headers_cannot_be_held() {
     // As under Istio: no allow_on_headers_stop_iteration, hold_request_headers false.
-    let yaml =
-        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let yaml = aigw_tests::harness::gateway_yaml();
     let yaml = yaml
         .replace(
             "allow_on_headers_stop_iteration: true",
@@ -845,8 +843,7 @@ fn an_https_upstream_is_reached_with_tls_sni_and_its_host_name() {
         .replace("CERT", &cert.display().to_string())
         .replace("KEY", &key.display().to_string());
     let terminator = Envoy::start_text(&terminator_yaml, mock.addr()).unwrap();
-    let gateway_yaml =
-        std::fs::read_to_string(aigw_tests::harness::root().join("envoy/gateway.yaml")).unwrap();
+    let gateway_yaml = aigw_tests::harness::gateway_yaml();
     let upstream = format!("https://localhost:{}", terminator.port);
     let gateway = Envoy::start_with(&gateway_yaml, &upstream, Some(&cert)).unwrap();
 

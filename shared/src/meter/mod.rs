@@ -184,6 +184,8 @@ pub struct MeterStage {
     last_byte_ms: Option<u64>,
     complete: bool,
     json_done: bool,
+    /// The usage, once published (when the answer ended, or at log time).
+    published: Option<Usage>,
 }
 
 impl MeterStage {
@@ -203,6 +205,7 @@ impl MeterStage {
             last_byte_ms: None,
             complete: false,
             json_done: false,
+            published: None,
         }
     }
 
@@ -274,6 +277,20 @@ impl MeterStage {
             }
         }
         self.seen.text_bytes = scan.text_bytes();
+    }
+
+    /// Decides the usage once and publishes it as the `aigw.usage` fact.
+    fn publish_usage(&mut self, env: &mut Env<'_>, status: Option<u16>) -> Usage {
+        if let Some(u) = self.published {
+            return u;
+        }
+        self.finish_json();
+        let usage = self.usage(env, status);
+        if self.api.is_some() {
+            facts::put_usage(env.state, &usage);
+            self.published = Some(usage);
+        }
+        usage
     }
 
     fn usage(&self, env: &Env<'_>, status: Option<u16>) -> Usage {
@@ -437,6 +454,12 @@ impl Stage for MeterStage {
         if let Some(out) = self.response_chunk(env, chunk.bytes(), end_of_stream) {
             chunk.set(out);
         }
+        if end_of_stream {
+            // Published as the answer ends, not at log time: Envoy runs the
+            // filters' log phases in an order of its own, and the filters
+            // that settle on it (rate-limit) must find it in theirs.
+            self.publish_usage(env, self.status);
+        }
         Step::Continue
     }
 
@@ -503,7 +526,7 @@ impl MeterStage {
         if let Some(c) = facts::text(env.state, facts::CONSUMER) {
             self.consumer = Some(c);
         }
-        let usage = self.usage(env, status);
+        let usage = self.publish_usage(env, status);
         let meter = Rc::clone(&self.meter);
 
         let model_requested = self
@@ -536,7 +559,6 @@ impl MeterStage {
         let stream = self.request.as_ref().map(|r| r.stream);
 
         if self.api.is_some() {
-            facts::put_usage(env.state, &usage);
             let timing = Timing {
                 ttft_ms: ttft_ms.filter(|_| stream == Some(true)),
                 per_output_token_ms: per_output_token(

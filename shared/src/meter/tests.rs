@@ -791,3 +791,40 @@ proptest! {
         prop_assert!(["provider", "estimated", "none"].contains(&line["usage_source"].as_str().unwrap()));
     }
 }
+
+#[test]
+fn usage_is_published_when_the_answer_ends_before_any_log_phase() {
+    let meter = meter("");
+    let clock = FakeClock::at(1_000);
+    let mut state = FakeFilterState::default();
+    let mut metrics = FakeMetrics::default();
+    let mut shared = crate::boundary::FakeSharedData::default();
+    let mut callouts = crate::boundary::FakeCallouts::default();
+    let mut env = Env {
+        clock: &clock,
+        state: &mut state,
+        metrics: &mut metrics,
+        shared: &mut shared,
+        callouts: &mut callouts,
+    };
+    let mut stage = MeterStage::new(Rc::clone(&meter));
+    let mut headers = Headers::new(vec![
+        (":method".into(), "POST".into()),
+        (":path".into(), "/v1/chat/completions".into()),
+    ]);
+    stage.request_headers(&mut env, &mut headers, false);
+    let mut body = RequestBody::new(br#"{"model":"gpt-4o","messages":[]}"#.to_vec());
+    stage.request_body(&mut env, &mut body, &mut headers);
+    let mut rh = Headers::new(vec![
+        (":status".into(), "200".into()),
+        ("content-type".into(), "application/json".into()),
+    ]);
+    stage.response_headers(&mut env, &mut rh, false);
+    let mut chunk = Chunk::new(CHAT_JSON.as_bytes().to_vec());
+    stage.response_body(&mut env, &mut chunk, true);
+    let usage = facts::usage(env.state).expect("published at the end of the answer");
+    assert_eq!(usage.input_tokens, Some(3));
+    // The log phase uses the same record and does not write the fact again.
+    stage.log(&mut env, &LogInput::default());
+    assert!(state.refused.is_empty(), "{:?}", state.refused);
+}
