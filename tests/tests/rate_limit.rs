@@ -393,3 +393,194 @@ fn a_bad_configuration_is_refused_by_envoy_with_the_field_named() {
         "{err}"
     );
 }
+
+// ---- Global mode: a real rate limit service over a real Redis ----
+
+/// A redis-server on a loopback port of its own, stopped on drop.
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = aigw_tests::harness::free_port().unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by ./scripts/setup.sh)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Redis { child, port };
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test rate limit service in front of `redis`, stopped on drop.
+struct Rls {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Rls {
+    fn start(redis: &Redis, config: &str, delay_ms: u64) -> Rls {
+        use std::io::BufRead;
+        let bin = root().join("target/release/aigw-ratelimit-service");
+        let mut child = std::process::Command::new(&bin)
+            .args([
+                "--addr",
+                "127.0.0.1:0",
+                "--redis",
+                &format!("127.0.0.1:{}", redis.port),
+            ])
+            .arg("--config")
+            .arg(root().join(config))
+            .args(["--delay-ms", &delay_ms.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (run ./scripts/build.sh)", bin.display()));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("rate limit service said {line:?}"))
+            .parse()
+            .unwrap();
+        Rls { child, addr }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Rls {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn rate_limit_yaml() -> String {
+    std::fs::read_to_string(root().join("envoy/rate-limit.yaml")).unwrap()
+}
+
+fn global_envoy(yaml: &str, mock: &MockLlm, rls: std::net::SocketAddr) -> Envoy {
+    Envoy::start_with_clusters(
+        yaml,
+        &format!("http://{}", mock.addr()),
+        None,
+        &[("ratelimit", rls)],
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn post_to(envoy: &Envoy, headers: &[(&str, &str)]) -> Response {
+    let mut h = vec![("content-type", "application/json")];
+    h.extend_from_slice(headers);
+    client::post(envoy.addr(), "/v1/chat/completions", &h, &chat(&[])).unwrap()
+}
+
+#[test]
+fn two_envoys_share_one_global_budget_through_the_redis_backed_service() {
+    clear_of_window_edge(60, 20);
+    let redis = Redis::start();
+    let rls = Rls::start(&redis, "envoy/ratelimit-service.yaml", 0);
+    let mock = MockLlm::start().unwrap();
+    let yaml = rate_limit_yaml();
+    let a = global_envoy(&yaml, &mock, rls.addr);
+    let b = global_envoy(&yaml, &mock, rls.addr);
+    let alice = [("authorization", "Bearer sk-aigw-demo-alice")];
+    // 60 a minute for alice, whichever Envoy she reaches.
+    for i in 0..60 {
+        let envoy = if i % 2 == 0 { &a } else { &b };
+        let r = post_to(envoy, &alice);
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        assert_eq!(
+            r.header("x-ratelimit-remaining-requests"),
+            Some(&*(59 - i).to_string()),
+            "request {i}"
+        );
+    }
+    for envoy in [&a, &b] {
+        let r = post_to(envoy, &alice);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "rate_limit_exceeded");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&retry), "{retry}");
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("60"));
+    }
+    // bob has his own budget, and cannot spend alice's by naming her.
+    let r = post_to(
+        &b,
+        &[
+            ("x-api-key", "sk-aigw-demo-bob"),
+            ("x-aigw-consumer", "alice"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("59"));
+    let lines = b.log_lines("alice", 31);
+    assert_eq!(lines.iter().filter(|l| l["ratelimit"] == "deny").count(), 1);
+    assert!(b.log_line("bob").is_some());
+}
+
+#[test]
+fn a_stopped_or_slow_service_follows_the_failure_mode_within_the_timeout() {
+    let redis = Redis::start();
+    let mock = MockLlm::start().unwrap();
+    for (mode, want) in [("allow", 200), ("deny", 503)] {
+        let yaml = rate_limit_yaml().replace(
+            "\"failure_mode\": \"allow\"",
+            &format!("\"failure_mode\": \"{mode}\""),
+        );
+        assert!(yaml.contains(&format!("\"failure_mode\": \"{mode}\"")));
+        let bob = [("authorization", "Bearer sk-aigw-demo-bob")];
+
+        // Stopped: it answered, then it is gone.
+        let mut rls = Rls::start(&redis, "envoy/ratelimit-service.yaml", 0);
+        let envoy = global_envoy(&yaml, &mock, rls.addr);
+        assert_eq!(post_to(&envoy, &bob).status, 200);
+        rls.stop();
+        let r = post_to(&envoy, &bob);
+        assert_eq!(r.status, want, "{mode}, service stopped: {}", r.text());
+        if want == 503 {
+            assert_eq!(r.json()["error"]["code"], "rate_limit_service_unavailable");
+        }
+        drop(envoy);
+
+        // Slow: answers after 1.5 s; the filter waits 200 ms.
+        let slow = Rls::start(&redis, "envoy/ratelimit-service.yaml", 1500);
+        let envoy = global_envoy(&yaml, &mock, slow.addr);
+        let started = std::time::Instant::now();
+        let r = post_to(&envoy, &bob);
+        let took = started.elapsed();
+        assert_eq!(r.status, want, "{mode}, service slow: {}", r.text());
+        assert!(
+            took < Duration::from_millis(1200),
+            "{mode}: took {took:?}, past the timeout"
+        );
+        let line = envoy.log_line("bob").unwrap();
+        assert_eq!(line["status"], want);
+    }
+}
