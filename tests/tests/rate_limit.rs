@@ -21,14 +21,20 @@ struct Gateway {
 }
 
 fn gateway_yaml() -> String {
-    std::fs::read_to_string(root().join("envoy/gateway.yaml")).unwrap()
+    aigw_tests::harness::gateway_yaml()
 }
 
-/// gateway.yaml with another rate-limit configuration.
+/// The gateway YAML (either shape) with another rate-limit configuration:
+/// the separate filter's, or the bundle's `rate_limit` member.
 fn with_policy(yaml: &str, policy: &Value) -> String {
-    let at = yaml
-        .find("root_id: rate-limit")
-        .expect("a rate-limit filter");
+    let (at, bundle) = match yaml.find("root_id: rate-limit") {
+        Some(at) => (at, false),
+        None => (
+            yaml.find("root_id: gateway")
+                .expect("a rate-limit filter or the bundle"),
+            true,
+        ),
+    };
     let value = at + yaml[at..].find("value: |\n").expect("its configuration") + "value: |\n".len();
     let indent = " ".repeat(20);
     let end = value
@@ -37,7 +43,14 @@ fn with_policy(yaml: &str, policy: &Value) -> String {
             .take_while(|l| l.starts_with(&indent))
             .map(str::len)
             .sum::<usize>();
-    let body = serde_json::to_string_pretty(policy).unwrap();
+    let config = if bundle {
+        let mut doc: Value = serde_json::from_str(&yaml[value..end]).unwrap();
+        doc["rate_limit"] = policy.clone();
+        doc
+    } else {
+        policy.clone()
+    };
+    let body = serde_json::to_string_pretty(&config).unwrap();
     let body: String = body.lines().map(|l| format!("{indent}{l}\n")).collect();
     format!("{}{body}{}", &yaml[..value], &yaml[end..])
 }
