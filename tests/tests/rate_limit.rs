@@ -428,17 +428,17 @@ impl Redis {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("redis-server (installed by ./scripts/setup.sh)");
+        // Owned before the wait, so a failed start still stops it.
+        let redis = Redis { child, port };
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Redis { child, port };
-            }
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
                 std::time::Instant::now() < deadline,
                 "redis-server did not start"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        redis
     }
 }
 

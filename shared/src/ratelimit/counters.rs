@@ -127,6 +127,49 @@ pub fn change(
     delta: i64,
     max: Option<u64>,
 ) -> Result<u64, Refused> {
+    update(shared, place, window, current, &mut |count| {
+        if delta < 0 {
+            return Ok(count.saturating_sub(delta.unsigned_abs()));
+        }
+        let new = count.saturating_add(delta.unsigned_abs());
+        match max {
+            Some(max) if new > max => Err(Refused::Full(count)),
+            _ => Ok(new),
+        }
+    })
+}
+
+/// Adds to a subject's count in the current window an amount that depends
+/// on the count (`amount(count)`), refusing past `max`, in one
+/// compare-and-swap: returns (the amount added, the new count).
+pub fn reserve(
+    shared: &mut dyn SharedData,
+    place: &Place,
+    window: u64,
+    max: u64,
+    amount: &dyn Fn(u64) -> u64,
+) -> Result<(u64, u64), Refused> {
+    let mut added = 0;
+    let new = update(shared, place, window, window, &mut |count| {
+        added = amount(count);
+        let new = count.saturating_add(added);
+        if new > max {
+            Err(Refused::Full(count))
+        } else {
+            Ok(new)
+        }
+    })?;
+    Ok((added, new))
+}
+
+/// The compare-and-swap loop: `next` maps the count now to the count to write.
+fn update(
+    shared: &mut dyn SharedData,
+    place: &Place,
+    window: u64,
+    current: u64,
+    next: &mut dyn FnMut(u64) -> Result<u64, Refused>,
+) -> Result<u64, Refused> {
     for _ in 0..ATTEMPTS {
         let Some((bytes, cas)) = shared.get(&place.key) else {
             // Not created at start (a configuration that grew): create it now.
@@ -141,21 +184,10 @@ pub fn change(
         let at = entries
             .iter()
             .position(|(s, w, _)| *s == place.subject && *w == window);
-        let count = at.map_or(0, |i| entries[i].2);
         if at.is_none() && window < current {
             return Ok(0);
         }
-        let new = if delta >= 0 {
-            let new = count.saturating_add(delta.unsigned_abs());
-            if let Some(max) = max {
-                if new > max {
-                    return Err(Refused::Full(count));
-                }
-            }
-            new
-        } else {
-            count.saturating_sub(delta.unsigned_abs())
-        };
+        let new = next(at.map_or(0, |i| entries[i].2))?;
         match at {
             Some(i) => entries[i].2 = new,
             None => entries.push((place.subject, window, new)),

@@ -300,9 +300,7 @@ impl RateLimitStage {
             for limit in rule.limits_for(&self.consumer) {
                 let (start, end) = limit.window.span(now);
                 let place = counters::place(&counters::prefix(&rule.name, &limit.key()), &subject);
-                let amount = self
-                    .ask
-                    .amount(limit, counters::read(env.shared, &place, start));
+                let ask = self.ask;
                 let standing = |used: u64| Standing {
                     rule: rule.name.clone(),
                     kind: limit.kind,
@@ -311,15 +309,11 @@ impl RateLimitStage {
                     remaining: limit.max.saturating_sub(used),
                     reset_ms: end - now,
                 };
-                match counters::change(
-                    env.shared,
-                    &place,
-                    start,
-                    start,
-                    amount as i64,
-                    Some(limit.max),
-                ) {
-                    Ok(n) => {
+                let reserved = counters::reserve(env.shared, &place, start, limit.max, &|used| {
+                    ask.amount(limit, used)
+                });
+                match reserved {
+                    Ok((amount, n)) => {
                         self.standings.push(standing(n));
                         self.held.push(Held {
                             rule: ri,
@@ -340,7 +334,7 @@ impl RateLimitStage {
                             rule: rule.name.clone(),
                             limit: limit.clone(),
                             used,
-                            asked: amount,
+                            asked: ask.amount(limit, used),
                             retry_ms: end - now,
                         });
                         break 'rules;
