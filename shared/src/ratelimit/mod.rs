@@ -60,10 +60,6 @@ impl RateLimit {
             c,
         })
     }
-
-    pub fn rules(&self) -> &[Rule] {
-        &self.c.rules
-    }
 }
 
 impl Filter for RateLimit {
@@ -428,29 +424,21 @@ impl RateLimitStage {
             return Step::Continue;
         };
         let retry_s = d.retry_ms.div_ceil(1000).max(1);
+        let what = format!(
+            "consumer {} by rule {} on {} per {}: limit {}, used {}, requested {}",
+            self.consumer,
+            d.rule,
+            d.limit.kind.name(),
+            d.limit.window,
+            d.limit.max,
+            d.used,
+            d.asked,
+        );
+        let when = openai_duration(d.retry_ms);
         let message = if d.limit.budget {
-            format!(
-                "You exceeded your current quota: consumer {}, rule {}, {} per {} (limit {}, used {}). It renews in {}.",
-                self.consumer,
-                d.rule,
-                d.limit.kind.name(),
-                d.limit.window,
-                d.limit.max,
-                d.used,
-                openai_duration(d.retry_ms)
-            )
+            format!("You exceeded your current quota: {what}. It renews in {when}.")
         } else {
-            format!(
-                "Rate limit reached for consumer {} by rule {} on {} per {}: limit {}, used {}, requested {}. Please try again in {}.",
-                self.consumer,
-                d.rule,
-                d.limit.kind.name(),
-                d.limit.window,
-                d.limit.max,
-                d.used,
-                d.asked,
-                openai_duration(d.retry_ms)
-            )
+            format!("Rate limit reached for {what}. Please try again in {when}.")
         };
         let (kind, code) = match (d.limit.budget, d.limit.kind) {
             (true, _) => ("insufficient_quota", "insufficient_quota"),

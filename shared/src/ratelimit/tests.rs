@@ -81,27 +81,16 @@ fn a_request_limit_admits_exactly_n_per_window_per_consumer() {
         out.client_text()
     );
     assert_eq!(out.state.text(facts::RATELIMIT), Some("deny"));
-    assert_eq!(out.client_headers.get("retry-after"), Some("41"));
-    assert_eq!(
-        out.client_headers.get("x-ratelimit-limit-requests"),
-        Some("3")
-    );
-    assert_eq!(
-        out.client_headers.get("x-ratelimit-remaining-requests"),
-        Some("0")
-    );
-    assert_eq!(
-        out.client_headers.get("x-ratelimit-reset-requests"),
-        Some("41s")
-    );
-    assert_eq!(
-        out.client_headers.get("ratelimit-policy"),
-        Some("\"rpm.requests_per_minute\";q=3;w=60")
-    );
-    assert_eq!(
-        out.client_headers.get("ratelimit"),
-        Some("\"rpm.requests_per_minute\";r=0;t=41")
-    );
+    for (name, want) in [
+        ("retry-after", "41"),
+        ("x-ratelimit-limit-requests", "3"),
+        ("x-ratelimit-remaining-requests", "0"),
+        ("x-ratelimit-reset-requests", "41s"),
+        ("ratelimit-policy", "\"rpm.requests_per_minute\";q=3;w=60"),
+        ("ratelimit", "\"rpm.requests_per_minute\";r=0;t=41"),
+    ] {
+        assert_eq!(out.client_headers.get(name), Some(want), "{name}");
+    }
     // The next minute admits again.
     h.clock.advance(41_000);
     assert_eq!(run(&mut h, &f, &chat("alice", None)).client_status, 200);
