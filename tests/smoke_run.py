@@ -5,7 +5,9 @@ Starts ./scripts/run.sh (built-in mock LLM, free ports, its own access log),
 sends a non-streaming and a streaming chat completion, and checks that each
 produced one access-log line with the exact token counts the upstream
 reported, that Prometheus shows them by model and consumer, and that Ctrl-C
-(SIGINT to the process group) stops everything the command started.
+(SIGINT to the process group) stops everything the command started. Then
+runs it again with AIGW_CONFIG=envoy/rate-limit.yaml (API keys, a rate limit
+service over redis-server that the command starts) and checks the same stop.
 Standard library only; prints "N passed, N failed" and exits non-zero on any
 failure.
 """
@@ -40,14 +42,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def post(port, body, consumer):
+def post(port, body, consumer, headers=None):
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps(body).encode(),
-        headers={"content-type": "application/json", "x-aigw-consumer": consumer},
+        headers={"content-type": "application/json", "x-aigw-consumer": consumer, **(headers or {})},
     )
     with urllib.request.urlopen(req, timeout=10) as r:
-        return r.read().decode()
+        return r.read().decode(), dict((k.lower(), v) for k, v in r.headers.items())
 
 
 def lines_for(path, consumer, deadline):
@@ -65,11 +67,31 @@ def lines_for(path, consumer, deadline):
 
 
 def main():
+    run({}, gateway_checks)
+    # An example configuration through AIGW_CONFIG: rate-limit with API keys
+    # and global counters, for which run.sh also starts redis-server and a
+    # rate limit service (and Ctrl-C must stop them too).
+    run({"AIGW_CONFIG": os.path.join(ROOT, "envoy", "rate-limit.yaml")}, rate_limit_checks)
+
+
+def rate_limit_checks(port, admin, log):
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    key = {"authorization": "Bearer sk-aigw-demo-alice"}
+    remaining = [post(port, body, "bob", key)[1].get("x-ratelimit-remaining-requests") for _ in range(2)]
+    check("AIGW_CONFIG=envoy/rate-limit.yaml: the key's consumer is limited through the service",
+          remaining == ["59", "58"], remaining)
+    lines = lines_for(log, "alice", time.time() + 5)
+    check("AIGW_CONFIG=envoy/rate-limit.yaml: the log names the key's consumer",
+          len(lines) == 2 and all(l.get("ratelimit") == "allow" for l in lines), lines)
+
+
+def run(extra_env, checks):
     port, admin = free_port(), free_port()
     work = tempfile.mkdtemp(prefix="aigw-smoke-")
     log = os.path.join(work, "access.jsonl")
-    env = dict(os.environ, AIGW_PORT=str(port), AIGW_ADMIN_PORT=str(admin), AIGW_ACCESS_LOG=log)
+    env = dict(os.environ, AIGW_PORT=str(port), AIGW_ADMIN_PORT=str(admin), AIGW_ACCESS_LOG=log, **extra_env)
     env.pop("AIGW_UPSTREAM", None)
+    env.pop("AIGW_RATELIMIT", None)
     out = open(os.path.join(work, "run.out"), "w")
     proc = subprocess.Popen(
         [os.path.join(ROOT, "scripts", "run.sh")], env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -86,36 +108,10 @@ def main():
             if ready or proc.poll() is not None:
                 break
             time.sleep(0.1)
-        check("run.sh starts the gateway", ready, open(out.name).read()[-2000:])
+        check(f"run.sh starts the gateway {extra_env}", ready, open(out.name).read()[-2000:])
         if not ready:
             return
-
-        prompt = [{"role": "user", "content": "count these five words"}]
-        answer = json.loads(post(port, {"model": "gpt-4o-mini", "messages": prompt}, "smoke-json"))
-        reported = answer.get("usage", {})
-        stream = post(port, {"model": "gpt-4o-mini", "stream": True, "messages": prompt}, "smoke-stream")
-        check("the stream reaches the client without the added usage chunk",
-              "[DONE]" in stream and '"usage"' not in stream, stream[-300:])
-
-        deadline = time.time() + 5
-        for consumer, stream_flag in (("smoke-json", False), ("smoke-stream", True)):
-            lines = lines_for(log, consumer, deadline)
-            check(f"{consumer}: one access-log line", len(lines) == 1, lines)
-            if len(lines) != 1:
-                continue
-            line = lines[0]
-            want = (reported.get("prompt_tokens"), reported.get("completion_tokens"), "provider", stream_flag)
-            got = (line.get("input_tokens"), line.get("output_tokens"), line.get("usage_source"), line.get("stream"))
-            check(f"{consumer}: exact tokens as the upstream reported", got == want and None not in want,
-                  f"got {got}, want {want}")
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
-            metrics = r.read().decode()
-        for consumer in ("smoke-json", "smoke-stream"):
-            series = f'aigw_tokens_total{{model="gpt-4o-mini",consumer="{consumer}",token_type="output"}}'
-            value = next((l.split()[-1] for l in metrics.splitlines() if l.startswith(series)), None)
-            check(f"{consumer}: output tokens in Prometheus by model and consumer",
-                  value is not None and float(value) == reported.get("completion_tokens"), value)
+        checks(port, admin, log)
     finally:
         # Ctrl-C: SIGINT to the whole foreground group, as a terminal sends it.
         try:
@@ -125,9 +121,38 @@ def main():
             pass
         time.sleep(0.5)
         left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        check("Ctrl-C stops everything run.sh started", proc.poll() is not None and not left, left)
+        check(f"Ctrl-C stops everything run.sh started {extra_env}", proc.poll() is not None and not left, left)
         if left:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def gateway_checks(port, admin, log):
+    prompt = [{"role": "user", "content": "count these five words"}]
+    answer = json.loads(post(port, {"model": "gpt-4o-mini", "messages": prompt}, "smoke-json")[0])
+    reported = answer.get("usage", {})
+    stream = post(port, {"model": "gpt-4o-mini", "stream": True, "messages": prompt}, "smoke-stream")[0]
+    check("the stream reaches the client without the added usage chunk",
+          "[DONE]" in stream and '"usage"' not in stream, stream[-300:])
+
+    deadline = time.time() + 5
+    for consumer, stream_flag in (("smoke-json", False), ("smoke-stream", True)):
+        lines = lines_for(log, consumer, deadline)
+        check(f"{consumer}: one access-log line", len(lines) == 1, lines)
+        if len(lines) != 1:
+            continue
+        line = lines[0]
+        want = (reported.get("prompt_tokens"), reported.get("completion_tokens"), "provider", stream_flag)
+        got = (line.get("input_tokens"), line.get("output_tokens"), line.get("usage_source"), line.get("stream"))
+        check(f"{consumer}: exact tokens as the upstream reported", got == want and None not in want,
+              f"got {got}, want {want}")
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
+        metrics = r.read().decode()
+    for consumer in ("smoke-json", "smoke-stream"):
+        series = f'aigw_tokens_total{{model="gpt-4o-mini",consumer="{consumer}",token_type="output"}}'
+        value = next((l.split()[-1] for l in metrics.splitlines() if l.startswith(series)), None)
+        check(f"{consumer}: output tokens in Prometheus by model and consumer",
+              value is not None and float(value) == reported.get("completion_tokens"), value)
 
 
 if __name__ == "__main__":
