@@ -392,6 +392,9 @@ impl RateLimitStage {
         self.decided = true;
         let f = Rc::clone(&self.f);
         if self.service_failed {
+            if let Ok(mut reg) = f.registry.try_borrow_mut() {
+                reg.add(env.metrics, &format!("{BASE}_service_errors_total"), &[], 1);
+            }
             if let Some(s) = &f.c.service {
                 if s.failure_mode == FailureMode::Deny {
                     env.state.set(facts::RATELIMIT, b"deny");

@@ -564,7 +564,9 @@ fn global_mode_settles_excess_with_a_detached_call() {
 fn a_failed_service_follows_the_failure_mode() {
     for (mode, want) in [("allow", 200), ("deny", 503)] {
         let f = global(mode);
-        for answer in [
+        // One host per filter, as in a VM: the metric ids belong to it.
+        let mut h = Host::at(NOW);
+        let answers = [
             CalloutResponse::Failed,
             CalloutResponse::Grpc {
                 status: 4,
@@ -574,13 +576,17 @@ fn a_failed_service_follows_the_failure_mode() {
                 status: 0,
                 message: vec![0xff],
             },
-        ] {
-            let mut h = Host::at(NOW);
+        ];
+        for (i, answer) in answers.iter().enumerate() {
             let mut stage = RateLimitStage::new(Rc::clone(&f));
             let out = h.run(&mut stage, &chat("alice", None), &mut |_: &Sent| {
                 answer.clone()
             });
             assert_eq!(out.client_status, want, "{mode} {answer:?}");
+            assert_eq!(
+                h.metrics.counter("aigw_ratelimit_service_errors_total"),
+                i as u64 + 1
+            );
         }
     }
 }
