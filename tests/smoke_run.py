@@ -80,7 +80,11 @@ def rate_limit_checks(port, admin, log):
     remaining = [post(port, body, "bob", key)[1].get("x-ratelimit-remaining-requests") for _ in range(2)]
     check("AIGW_CONFIG=envoy/rate-limit.yaml: the key's consumer is limited through the service",
           remaining == ["59", "58"], remaining)
-    lines = lines_for(log, "alice", time.time() + 5)
+    deadline = time.time() + 5
+    lines = lines_for(log, "alice", deadline)
+    while len(lines) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+        lines = lines_for(log, "alice", deadline)
     check("AIGW_CONFIG=envoy/rate-limit.yaml: the log names the key's consumer",
           len(lines) == 2 and all(l.get("ratelimit") == "allow" for l in lines), lines)
 

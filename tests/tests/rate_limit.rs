@@ -290,6 +290,45 @@ fn concurrent_streams_never_overshoot_a_token_limit() {
 }
 
 #[test]
+fn a_client_that_hangs_up_is_charged_what_it_used() {
+    clear_of_window_edge(3600, 60);
+    let policy = json!({
+        "identity": {"header": "x-aigw-consumer"},
+        "rules": [{"name": "cut", "limits": [{"total_tokens": 1000, "per": "hour"}]}]
+    });
+    let g = start(&with_policy(&gateway_yaml(), &policy), 1);
+    // Reserves 5 + 500; the client leaves after four of 200 slow pieces.
+    let body = chat(&[("stream", json!(true)), ("max_tokens", json!(500))]);
+    let seen = client::post_and_hang_up(
+        g.envoy.addr(),
+        "/v1/chat/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-aigw-consumer", "hangs-up-1"),
+            ("x-mock-chunks", "200"),
+            ("x-mock-chunk-delay-ms", "20"),
+        ],
+        &body,
+        "w3 ",
+    )
+    .unwrap();
+    assert!(String::from_utf8_lossy(&seen).contains("x-ratelimit-remaining-tokens: 495"));
+    let line = g.envoy.log_line("hangs-up-1").unwrap();
+    assert_eq!(line["usage_source"], "estimated", "{line}");
+    let used = line["total_tokens"].as_u64().unwrap();
+    assert!(used < 100, "{line}");
+    // What was not used came back: 1000 - used remain before the next reservation (5 + 10).
+    let next = chat(&[("max_tokens", json!(10))]);
+    let r = as_consumer(&g, "hangs-up-1", &next);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-ratelimit-remaining-tokens"),
+        Some(&*(1000 - used - 15).to_string()),
+        "{line}"
+    );
+}
+
+#[test]
 fn budgets_answer_insufficient_quota() {
     let policy = json!({
         "identity": {"header": "x-aigw-consumer"},
