@@ -344,9 +344,12 @@ impl Stage for Chain {
     }
 
     fn log(&mut self, env: &mut Env<'_>, input: &LogInput) {
-        // Bottom to top, so the meter (the first stage) composes the
-        // access-log line after every other stage has said its last word.
-        for i in (0..self.stages.len()).rev() {
+        // Top to bottom, as Envoy runs the separate filters' log phases:
+        // the meter (the first stage) publishes the usage that the stages
+        // below it settle to (rate-limit refunds a reservation to it, a
+        // client that hung up included), and composes the access-log line
+        // from the facts they set before the log phase.
+        for i in 0..self.stages.len() {
             on!(self, env, i, |s, e| s.log(e, input));
         }
     }

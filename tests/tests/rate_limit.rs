@@ -130,7 +130,9 @@ fn the_demo_policy_admits_60_requests_a_minute_per_consumer_then_429s() {
     assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
     assert_eq!(
         r.header("x-ratelimit-reset-requests"),
-        Some(&*format!("{retry}s"))
+        Some(&*aigw_shared::ratelimit::window::openai_duration(
+            retry * 1000
+        ))
     );
     assert!(r
         .header("ratelimit-policy")
