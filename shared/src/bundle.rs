@@ -438,10 +438,14 @@ impl Filter for Bundle {
     }
 
     fn tick_ms(&self) -> Option<u64> {
-        None
+        self.rate_limit.as_ref().and_then(|r| r.tick_ms())
     }
 
-    fn tick(&self, _env: &mut RootEnv<'_>) {}
+    fn tick(&self, env: &mut RootEnv<'_>) {
+        if let Some(r) = &self.rate_limit {
+            r.tick(env);
+        }
+    }
 
     fn start(&self, env: &mut RootEnv<'_>) {
         if let Some(r) = &self.rate_limit {

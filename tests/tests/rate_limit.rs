@@ -257,12 +257,12 @@ fn concurrent_streams_never_overshoot_a_token_limit() {
     });
     let g = start(&with_policy(&gateway_yaml(), &policy), 2);
     // Each stream reserves 5 (prompt estimate) + 20 (max_tokens) and uses
-    // 4 + 20 (the mock's 20 chunks, slow enough that all are in flight at once).
+    // 4 + 20 (the mock's 20 chunks over a second, so all are in flight at once).
     let body = chat(&[("stream", json!(true)), ("max_tokens", json!(20))]);
     let headers = vec![
         ("x-aigw-consumer".to_string(), "streams-1".to_string()),
         ("x-mock-chunks".into(), "20".into()),
-        ("x-mock-chunk-delay-ms".into(), "20".into()),
+        ("x-mock-chunk-delay-ms".into(), "50".into()),
     ];
     let statuses = burst(&g, 30, headers.clone(), body.clone());
     let admitted = statuses.iter().filter(|s| **s == 200).count() as u64;

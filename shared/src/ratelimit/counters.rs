@@ -162,6 +162,27 @@ pub fn reserve(
     Ok((added, new))
 }
 
+/// Drops the entries of windows before `current` from every slot of a
+/// counter kind (the timer's sweep, for slots no request writes any more);
+/// returns how many were dropped. A slot another worker writes meanwhile
+/// is left for the next sweep.
+pub fn sweep(shared: &mut dyn SharedData, prefix: &str, current: u64) -> usize {
+    let mut dropped = 0;
+    for i in 0..SLOTS {
+        let key = format!("{prefix}/{i}");
+        let Some((bytes, cas)) = shared.get(&key) else {
+            continue;
+        };
+        let mut entries = decode(&bytes);
+        let before = entries.len();
+        entries.retain(|(_, w, _)| *w >= current);
+        if entries.len() < before && shared.set(&key, &encode(&entries), Some(cas)).is_ok() {
+            dropped += before - entries.len();
+        }
+    }
+    dropped
+}
+
 /// The compare-and-swap loop: `next` maps the count now to the count to write.
 fn update(
     shared: &mut dyn SharedData,
@@ -230,6 +251,18 @@ mod tests {
         // Excess past the limit is charged when no max is given.
         assert_eq!(change(&mut s, &a, 120, 120, 5, None), Ok(8));
         assert_eq!(change(&mut s, &a, 120, 120, -100, None), Ok(0));
+    }
+
+    #[test]
+    fn a_sweep_drops_only_past_windows() {
+        let mut s = FakeSharedData::default();
+        create_slots(&mut s, "w");
+        let (a, b) = (place("w", "alice"), place("w", "bob"));
+        change(&mut s, &a, 60, 60, 3, None).unwrap();
+        change(&mut s, &b, 120, 120, 4, None).unwrap();
+        assert_eq!(sweep(&mut s, "w", 120), 1);
+        assert_eq!(sweep(&mut s, "w", 120), 0);
+        assert_eq!(read(&s, &b, 120), 4);
     }
 
     #[test]

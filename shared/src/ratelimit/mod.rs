@@ -62,6 +62,23 @@ impl RateLimit {
     }
 }
 
+impl RateLimit {
+    /// The slot prefix of every local counter kind, with its window (none in global mode).
+    fn counter_prefixes(&self) -> Vec<(String, window::Window)> {
+        if self.c.service.is_some() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for rule in &self.c.rules {
+            for (kind, window) in rule.counters() {
+                let key = format!("{}_per_{}", kind.name(), window.name());
+                out.push((counters::prefix(&rule.name, &key), window));
+            }
+        }
+        out
+    }
+}
+
 impl Filter for RateLimit {
     type Stage = RateLimitStage;
     const NAME: &'static str = "rate-limit";
@@ -74,14 +91,22 @@ impl Filter for RateLimit {
         RateLimitStage::new(Rc::clone(filter))
     }
 
+    /// Local counters clean themselves on every write; the sweep frees the
+    /// slots of consumers that stopped calling.
+    fn tick_ms(&self) -> Option<u64> {
+        self.c.service.is_none().then_some(SWEEP_MS)
+    }
+
+    fn tick(&self, env: &mut RootEnv<'_>) {
+        let now = env.clock.now_ms();
+        for (prefix, window) in self.counter_prefixes() {
+            counters::sweep(env.shared, &prefix, window.span(now).0);
+        }
+    }
+
     fn start(&self, env: &mut RootEnv<'_>) {
-        if self.c.service.is_none() {
-            for rule in &self.c.rules {
-                for (kind, window) in rule.counters() {
-                    let key = format!("{}_per_{}", kind.name(), window.name());
-                    counters::create_slots(env.shared, &counters::prefix(&rule.name, &key));
-                }
-            }
+        for (prefix, _) in self.counter_prefixes() {
+            counters::create_slots(env.shared, &prefix);
         }
     }
 }
@@ -218,6 +243,8 @@ pub struct RateLimitStage {
 }
 
 const BASE: &str = "aigw_ratelimit";
+/// How often each worker sweeps the local counters of past windows.
+const SWEEP_MS: u64 = 60_000;
 
 impl RateLimitStage {
     pub fn new(f: Rc<RateLimit>) -> Self {
