@@ -43,6 +43,11 @@ def free_port():
 
 
 def post(port, body, consumer, headers=None):
+    return post_full(port, body, consumer, headers)[0]
+
+
+def post_full(port, body, consumer, headers=None):
+    """The answer's body and its headers (lower-case names)."""
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps(body).encode(),
@@ -66,97 +71,127 @@ def lines_for(path, consumer, deadline):
     return []
 
 
-def main():
-    run({}, gateway_checks)
-    # An example configuration through AIGW_CONFIG: rate-limit with API keys
-    # and global counters, for which run.sh also starts redis-server and a
-    # rate limit service (and Ctrl-C must stop them too).
-    run({"AIGW_CONFIG": os.path.join(ROOT, "envoy", "rate-limit.yaml")}, rate_limit_checks)
-
-
-def rate_limit_checks(port, admin, log):
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-    key = {"authorization": "Bearer sk-aigw-demo-alice"}
-    remaining = [post(port, body, "bob", key)[1].get("x-ratelimit-remaining-requests") for _ in range(2)]
-    check("AIGW_CONFIG=envoy/rate-limit.yaml: the key's consumer is limited through the service",
-          remaining == ["59", "58"], remaining)
-    deadline = time.time() + 5
-    lines = lines_for(log, "alice", deadline)
-    while len(lines) < 2 and time.time() < deadline:
-        time.sleep(0.1)
-        lines = lines_for(log, "alice", deadline)
-    check("AIGW_CONFIG=envoy/rate-limit.yaml: the log names the key's consumer",
-          len(lines) == 2 and all(l.get("ratelimit") == "allow" for l in lines), lines)
-
-
-def run(extra_env, checks):
-    port, admin = free_port(), free_port()
-    work = tempfile.mkdtemp(prefix="aigw-smoke-")
-    log = os.path.join(work, "access.jsonl")
-    env = dict(os.environ, AIGW_PORT=str(port), AIGW_ADMIN_PORT=str(admin), AIGW_ACCESS_LOG=log, **extra_env)
-    env.pop("AIGW_UPSTREAM", None)
-    env.pop("AIGW_RATELIMIT", None)
-    out = open(os.path.join(work, "run.out"), "w")
-    proc = subprocess.Popen(
-        [os.path.join(ROOT, "scripts", "run.sh")], env=env, stdout=out, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+def start(work, extra_env=None):
+    """Starts run.sh on ports free a moment ago. run.sh takes real ports (users
+    choose them), so another process may bind one in between: then Envoy
+    exits with "address already in use", and this tries other ports."""
+    for attempt in range(3):
+        port, admin = free_port(), free_port()
+        env = dict(os.environ, AIGW_PORT=str(port), AIGW_ADMIN_PORT=str(admin),
+                   AIGW_ACCESS_LOG=os.path.join(work, "access.jsonl"))
+        env.update(extra_env or {})
+        env.pop("AIGW_UPSTREAM", None)
+        if extra_env:
+            env.pop("AIGW_RATELIMIT", None)
+        out = open(os.path.join(work, f"run-{attempt}.out"), "w")
+        proc = subprocess.Popen(
+            [os.path.join(ROOT, "scripts", "run.sh")], env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
         ready = False
         for _ in range(1200):  # up to 2 min: run.sh sets up and builds first
+            if proc.poll() is not None:
+                break
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
                     ready = r.read().strip() == b"LIVE"
             except OSError:
                 pass
-            if ready or proc.poll() is not None:
+            if ready:
                 break
             time.sleep(0.1)
-        check(f"run.sh starts the gateway {extra_env}", ready, open(out.name).read()[-2000:])
+        text = open(out.name).read()
+        if ready or proc.poll() is None or "already in use" not in text.lower():
+            return proc, out, port, admin, ready
+    return proc, out, port, admin, False
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="aigw-smoke-")
+    log = os.path.join(work, "access.jsonl")
+    proc, out, port, admin, ready = start(work)
+    try:
+        check("run.sh starts the gateway", ready, open(out.name).read()[-2000:])
         if not ready:
             return
-        checks(port, admin, log)
+
+        prompt = [{"role": "user", "content": "count these five words"}]
+        answer = json.loads(post(port, {"model": "gpt-4o-mini", "messages": prompt}, "smoke-json"))
+        reported = answer.get("usage", {})
+        stream = post(port, {"model": "gpt-4o-mini", "stream": True, "messages": prompt}, "smoke-stream")
+        check("the stream reaches the client without the added usage chunk",
+              "[DONE]" in stream and '"usage"' not in stream, stream[-300:])
+
+        deadline = time.time() + 5
+        for consumer, stream_flag in (("smoke-json", False), ("smoke-stream", True)):
+            lines = lines_for(log, consumer, deadline)
+            check(f"{consumer}: one access-log line", len(lines) == 1, lines)
+            if len(lines) != 1:
+                continue
+            line = lines[0]
+            want = (reported.get("prompt_tokens"), reported.get("completion_tokens"), "provider", stream_flag)
+            got = (line.get("input_tokens"), line.get("output_tokens"), line.get("usage_source"), line.get("stream"))
+            check(f"{consumer}: exact tokens as the upstream reported", got == want and None not in want,
+                  f"got {got}, want {want}")
+
+        # The meter hands its counters to Envoy once a second.
+        for consumer in ("smoke-json", "smoke-stream"):
+            series = f'aigw_tokens_total{{model="gpt-4o-mini",consumer="{consumer}",token_type="output"}}'
+            value = None
+            for _ in range(50):
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
+                    metrics = r.read().decode()
+                value = next((l.split()[-1] for l in metrics.splitlines() if l.startswith(series)), None)
+                if value is not None and float(value) == reported.get("completion_tokens"):
+                    break
+                time.sleep(0.1)
+            check(f"{consumer}: output tokens in Prometheus by model and consumer",
+                  value is not None and float(value) == reported.get("completion_tokens"), value)
     finally:
-        # Ctrl-C: SIGINT to the whole foreground group, as a terminal sends it.
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        time.sleep(0.5)
-        left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        check(f"Ctrl-C stops everything run.sh started {extra_env}", proc.poll() is not None and not left, left)
-        if left:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc, "")
+    rate_limit_run()
 
 
-def gateway_checks(port, admin, log):
-    prompt = [{"role": "user", "content": "count these five words"}]
-    answer = json.loads(post(port, {"model": "gpt-4o-mini", "messages": prompt}, "smoke-json")[0])
-    reported = answer.get("usage", {})
-    stream = post(port, {"model": "gpt-4o-mini", "stream": True, "messages": prompt}, "smoke-stream")[0]
-    check("the stream reaches the client without the added usage chunk",
-          "[DONE]" in stream and '"usage"' not in stream, stream[-300:])
+def stop(proc, what):
+    """Ctrl-C: SIGINT to the whole foreground group, as a terminal sends it."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    check(f"Ctrl-C stops everything run.sh started{what}", proc.poll() is not None and not left, left)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
 
-    deadline = time.time() + 5
-    for consumer, stream_flag in (("smoke-json", False), ("smoke-stream", True)):
-        lines = lines_for(log, consumer, deadline)
-        check(f"{consumer}: one access-log line", len(lines) == 1, lines)
-        if len(lines) != 1:
-            continue
-        line = lines[0]
-        want = (reported.get("prompt_tokens"), reported.get("completion_tokens"), "provider", stream_flag)
-        got = (line.get("input_tokens"), line.get("output_tokens"), line.get("usage_source"), line.get("stream"))
-        check(f"{consumer}: exact tokens as the upstream reported", got == want and None not in want,
-              f"got {got}, want {want}")
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
-        metrics = r.read().decode()
-    for consumer in ("smoke-json", "smoke-stream"):
-        series = f'aigw_tokens_total{{model="gpt-4o-mini",consumer="{consumer}",token_type="output"}}'
-        value = next((l.split()[-1] for l in metrics.splitlines() if l.startswith(series)), None)
-        check(f"{consumer}: output tokens in Prometheus by model and consumer",
-              value is not None and float(value) == reported.get("completion_tokens"), value)
+def rate_limit_run():
+    """An example configuration through AIGW_CONFIG: rate-limit with API keys
+    and global counters, for which run.sh also starts redis-server and a
+    rate limit service (and Ctrl-C must stop them too)."""
+    what = " with AIGW_CONFIG=envoy/rate-limit.yaml"
+    work = tempfile.mkdtemp(prefix="aigw-smoke-")
+    log = os.path.join(work, "access.jsonl")
+    proc, out, port, admin, ready = start(work, {"AIGW_CONFIG": os.path.join(ROOT, "envoy", "rate-limit.yaml")})
+    try:
+        check(f"run.sh starts the gateway{what}", ready, open(out.name).read()[-2000:])
+        if not ready:
+            return
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        key = {"authorization": "Bearer sk-aigw-demo-alice"}
+        remaining = [post_full(port, body, "bob", key)[1].get("x-ratelimit-remaining-requests") for _ in range(2)]
+        check(f"the key's consumer is limited through the rate limit service{what}",
+              remaining == ["59", "58"], remaining)
+        deadline = time.time() + 5
+        lines = lines_for(log, "alice", deadline)
+        while len(lines) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+            lines = lines_for(log, "alice", deadline)
+        check(f"the log names the key's consumer, not the header's{what}",
+              len(lines) == 2 and all(l.get("ratelimit") == "allow" for l in lines), lines)
+    finally:
+        stop(proc, what)
 
 
 if __name__ == "__main__":

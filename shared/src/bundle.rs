@@ -46,7 +46,10 @@ impl FilterState for Layered<'_> {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
         match self.memory.values.get(key) {
             Some(v) => Some(v.clone()),
-            // A fact from a filter outside the bundle.
+            // The bundle is the one writer of the aigw facts: a fact none of
+            // its stages wrote is not there, and asking Envoy would only
+            // cost a host call. Other keys may come from other filters.
+            None if key.starts_with("aigw.") => None,
             None => self.host.get(key),
         }
     }
@@ -437,11 +440,18 @@ impl Filter for Bundle {
         Chain::new(stages)
     }
 
+    /// The shortest period any stage asks for; each stage's tick keeps its
+    /// own pace (rate-limit sweeps once a minute whatever it is called at).
     fn tick_ms(&self) -> Option<u64> {
-        self.rate_limit.as_ref().and_then(|r| r.tick_ms())
+        let meter = self.meter.as_ref().and_then(|m| m.tick_ms());
+        let rate_limit = self.rate_limit.as_ref().and_then(|r| r.tick_ms());
+        meter.into_iter().chain(rate_limit).min()
     }
 
     fn tick(&self, env: &mut RootEnv<'_>) {
+        if let Some(m) = &self.meter {
+            m.tick(env);
+        }
         if let Some(r) = &self.rate_limit {
             r.tick(env);
         }
@@ -519,6 +529,25 @@ mod tests {
         assert_eq!(out.client_headers.get("x-order"), Some("cba"));
         // Facts stay in memory; nothing but the exported ones reach the host.
         assert!(out.state.values.is_empty(), "{:?}", out.state.values);
+    }
+
+    #[test]
+    fn aigw_facts_are_read_from_memory_only() {
+        let mut host = crate::boundary::FakeFilterState::default()
+            .with("aigw.consumer", "outside")
+            .with("other.key", "v");
+        let mut memory = MemoryState::default();
+        let mut layered = Layered {
+            memory: &mut memory,
+            host: &mut host,
+        };
+        assert_eq!(layered.get("aigw.consumer"), None);
+        assert_eq!(layered.get("other.key"), Some(b"v".to_vec()));
+        layered.set("aigw.consumer", b"inside");
+        layered.set(facts::ACCESS_LOG, b"{}");
+        assert_eq!(layered.get("aigw.consumer"), Some(b"inside".to_vec()));
+        assert_eq!(host.text(facts::ACCESS_LOG), Some("{}"));
+        assert_eq!(host.text("aigw.consumer"), Some("outside"));
     }
 
     #[test]
