@@ -45,9 +45,8 @@ fn usage(host: &mut Host, input: u64, output: u64) {
         &Usage {
             input_tokens: Some(input),
             output_tokens: Some(output),
-            cached_input_tokens: None,
-            reasoning_tokens: None,
             source: UsageSource::Provider,
+            ..Usage::default()
         },
     );
     host.next_state = s;
