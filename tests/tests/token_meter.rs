@@ -731,7 +731,14 @@ fn metrics_by_model_and_consumer() {
 
 #[test]
 fn cost_adds_up_over_many_cheap_requests() {
-    let gw = gateway();
+    // 1000 requests from one consumer: past the demo rate limit (60 a
+    // minute), which is not what this test measures.
+    let mock = MockLlm::start().expect("mock LLM starts");
+    let yaml =
+        aigw_tests::harness::gateway_yaml().replace("\"requests\": 60", "\"requests\": 100000");
+    assert!(yaml.contains("\"requests\": 100000"));
+    let envoy = Envoy::start_text(&yaml, mock.addr()).unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway { envoy, mock };
     let addr = gw.envoy.addr();
     // gpt-4o-mini at $0.15 / $0.60 per 1M tokens (envoy/gateway.yaml): one
     // input token is 0.15 micro-dollars. Counted in 1e-4 micro-dollars.
