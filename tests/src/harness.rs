@@ -461,6 +461,35 @@ pub fn bare(gateway_yaml: &str) -> Result<String, String> {
     ))
 }
 
+/// Bare Envoy (from `envoy/gateway.yaml`) with the benchmark fixture
+/// `floor.wasm` as its one filter, in the given step (`idle`, `headers`,
+/// `body`, `log`).
+pub fn with_floor(gateway_yaml: &str, step: &str) -> Result<String, String> {
+    let bare = bare(gateway_yaml)?;
+    let router = bare
+        .find(ROUTER_FILTER)
+        .ok_or("no router in gateway.yaml")?;
+    let block = format!(
+        "          - name: aigw.floor
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: floor
+                allow_on_headers_stop_iteration: true
+                failure_policy: FAIL_RELOAD
+                vm_config:
+                  vm_id: aigw-floor
+                  runtime: envoy.wasm.runtime.v8
+                  code:
+                    local: {{ filename: target/wasm/floor.wasm }}  # aigw:wasm_dir
+                configuration:
+                  \"@type\": type.googleapis.com/google.protobuf.StringValue
+                  value: '\"{step}\"'
+"
+    );
+    Ok(format!("{}{block}{}", &bare[..router], &bare[router..]))
+}
+
 /// `envoy/gateway.yaml` with the four other modules chained below the meter
 /// (the meter stays outermost), each with an empty configuration.
 pub fn all_five(gateway_yaml: &str) -> Result<String, String> {

@@ -29,6 +29,9 @@ struct Opts {
     /// requests per row) instead of timing it: slow, but the same count on
     /// a busy machine as on an idle one.
     instructions: u64,
+    /// Rows of the floor fixture instead: what a wasm filter costs before
+    /// it does anything, step by step.
+    floor: bool,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -37,9 +40,14 @@ fn parse_opts() -> Result<Opts, String> {
         connections: 4,
         repeat: 3,
         instructions: 0,
+        floor: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
+        if a == "--floor" {
+            opts.floor = true;
+            continue;
+        }
         let mut value = |name: &str| {
             args.next()
                 .and_then(|v| v.parse::<u64>().ok())
@@ -461,9 +469,27 @@ fn run() -> Result<(), String> {
         };
         rows.push((name.clone(), only(&gateway, &name), answers));
     }
-    rows.push(("chain".into(), gateway.clone(), vec![Json, Stream]));
-    rows.push(("bundle".into(), bundle.clone(), vec![Json, Stream, Long]));
-    if filter_names(&gateway).iter().any(|n| n == "prompt-cache") {
+    if opts.floor {
+        // What Envoy's wasm machinery and the aigw frame cost before any
+        // stage does anything, step by step, against the real filters.
+        let mut floor = vec![rows.remove(0)];
+        for step in ["idle", "headers", "body", "log"] {
+            let yaml = aigw_tests::harness::with_floor(&gateway, step)?;
+            floor.push((format!("floor {step}"), yaml, vec![Json, Stream]));
+        }
+        floor.push((
+            "token-meter".into(),
+            only(&gateway, "token-meter"),
+            vec![Json, Stream],
+        ));
+        floor.push(("bundle".into(), bundle.clone(), vec![Json, Stream]));
+        rows = floor;
+    }
+    if !opts.floor {
+        rows.push(("chain".into(), gateway.clone(), vec![Json, Stream]));
+        rows.push(("bundle".into(), bundle.clone(), vec![Json, Stream, Long]));
+    }
+    if !opts.floor && filter_names(&gateway).iter().any(|n| n == "prompt-cache") {
         rows.push(("bundle-hit".into(), bundle.clone(), vec![Hit]));
     }
     let mock = MockLlm::start().map_err(|e| e.to_string())?;
@@ -551,6 +577,10 @@ fn run() -> Result<(), String> {
                 r.rps / rps0
             );
         }
+    }
+    if opts.floor {
+        println!("\nfloor idle: a wasm filter whose callbacks return at once; headers: the aigw frame copying both header maps; body: and reading the request body with its headers held; log: and reading four properties and writing a fact in the log phase.");
+        return Ok(());
     }
     println!("\nCPU µs/req is Envoy's own user+system time per request (from /proc).");
     println!("CPU x and req/s x are ratios against bare Envoy for the same answer (a hit against bare Envoy's json).");

@@ -1,0 +1,121 @@
+//! floor: a benchmark fixture, not a filter. `./scripts/bench.sh
+//! --floor` loads it in Envoy to measure what a wasm filter costs before it
+//! does anything, one step at a time, so the cost of each real filter can be
+//! read against the floor no filter can go below. Its configuration is one
+//! of the steps, as a JSON string:
+//!
+//! - `"idle"`: an HTTP context whose callbacks all return at once (the
+//!   SDK's defaults): Envoy's cost of a wasm filter, a VM context per request
+//!   and a call into the VM per callback.
+//! - `"headers"`: the aigw frame (`StageHttp`) with a stage that does
+//!   nothing: it copies the request and response header maps into the VM.
+//! - `"body"`: as `headers`, and it holds the request headers while it
+//!   reads the whole request body (as every body-reading filter does).
+//! - `"log"`: as `body`, and it reads the request's id, status, duration
+//!   and route in the log phase and writes an access-log-sized fact.
+
+use aigw_shared::config::ConfigError;
+use aigw_shared::host::{self, Idle, StageHttp};
+use aigw_shared::stage::{Env, Filter, Headers, LogInput, RequestBody, Stage, Step};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{ContextType, LogLevel};
+use std::rc::Rc;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Idle,
+    Headers,
+    Body,
+    Log,
+}
+
+struct Floor(Mode);
+
+impl Filter for Floor {
+    type Stage = FloorStage;
+    const NAME: &'static str = "floor";
+
+    fn from_config(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let mode: String = aigw_shared::config::parse(bytes)?;
+        Ok(Floor(match mode.as_str() {
+            "idle" | "" => Mode::Idle,
+            "headers" => Mode::Headers,
+            "body" => Mode::Body,
+            "log" => Mode::Log,
+            other => {
+                return Err(ConfigError::new(
+                    ".",
+                    format!("{other:?} is not idle, headers, body or log"),
+                ))
+            }
+        }))
+    }
+
+    fn stage(f: &Rc<Self>) -> FloorStage {
+        FloorStage(f.0)
+    }
+}
+
+struct FloorStage(Mode);
+
+impl Stage for FloorStage {
+    fn request_headers(&mut self, _: &mut Env<'_>, _: &mut Headers, _: bool) -> Step {
+        if self.0 == Mode::Headers {
+            Step::Continue
+        } else {
+            Step::ReadBody { hold_headers: true }
+        }
+    }
+
+    fn request_body(&mut self, _: &mut Env<'_>, _: &mut RequestBody, _: &mut Headers) -> Step {
+        Step::Continue
+    }
+
+    fn log(&mut self, env: &mut Env<'_>, input: &LogInput) {
+        if self.0 == Mode::Log {
+            let line = format!("{:?}", (input, [0u8; 64]));
+            env.state.set("aigw.floor", line.repeat(4).as_bytes());
+        }
+    }
+}
+
+proxy_wasm::main! {{
+    host::init();
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root(None)) });
+}}
+
+/// The root: the `idle` step gets the SDK's do-nothing context, the others
+/// the aigw frame.
+struct Root(Option<Rc<Floor>>);
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _: usize) -> bool {
+        let config = self.get_plugin_configuration().unwrap_or_default();
+        match Floor::from_config(&config) {
+            Ok(f) => {
+                self.0 = Some(Rc::new(f));
+                true
+            }
+            Err(e) => {
+                host::log(
+                    LogLevel::Error,
+                    &format!("floor: invalid configuration: {e}"),
+                );
+                false
+            }
+        }
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(match &self.0 {
+            Some(f) if f.0 != Mode::Idle => Box::new(StageHttp::new(Floor::stage(f), context_id)),
+            _ => Box::new(Idle),
+        })
+    }
+}

@@ -1,0 +1,28 @@
+//! The benchmark fixture `floor.wasm` loads in Envoy in each of its steps
+//! and passes requests through untouched (every module the build produces
+//! is loaded by a test), and refuses a step it does not know.
+
+// Test code: a failed expectation is a panic with a message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use aigw_tests::client;
+use aigw_tests::harness::{root, with_floor, Envoy};
+use aigw_tests::mock::MockLlm;
+
+#[test]
+fn every_step_passes_requests_through() {
+    let gateway = std::fs::read_to_string(root().join("envoy/gateway.yaml")).unwrap();
+    let mock = MockLlm::start().unwrap();
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"one two"}]}"#;
+    let direct = client::post(mock.addr(), "/v1/chat/completions", &[], body).unwrap();
+    for step in ["idle", "headers", "body", "log"] {
+        let envoy = Envoy::start_text(&with_floor(&gateway, step).unwrap(), mock.addr()).unwrap();
+        let resp = client::post(envoy.addr(), "/v1/chat/completions", &[], body).unwrap();
+        assert_eq!(resp.status, 200, "{step}");
+        assert_eq!(resp.body, direct.body, "{step}");
+        assert_eq!(mock.last_request().unwrap().body, body.as_bytes(), "{step}");
+    }
+    let bad = with_floor(&gateway, "everything").unwrap();
+    let err = Envoy::start_text(&bad, mock.addr()).err().unwrap();
+    assert!(err.contains("floor: invalid configuration"), "{err}");
+}
