@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds every plugin's .wasm in release mode into target/wasm/<plugin>.wasm,
-# and the host binaries (mock LLM, runner) the README's commands use.
+# and the host binaries (mock LLM, runner, the tests' rate limit service) the
+# README's commands and the tests use.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -13,6 +14,8 @@ mkdir -p "$WASM_DIR"
 for p in "${PLUGINS[@]}"; do
   cp "target/wasm32-wasip1/release/aigw_${p//-/_}.wasm" "$WASM_DIR/$p.wasm"
 done
-say "building the mock LLM and runner"
-cargo build --release --locked -p aigw-tests --bins
+say "building the mock LLM, the runner and the test rate limit service"
+# The rate limit service (tonic, for the global-mode tests) is a host binary:
+# it never enters the wasm build above.
+cargo build --release --locked -p aigw-tests --bins -p aigw-ratelimit-service
 ls -l "$WASM_DIR" | awk 'NR>1 {printf "    %-22s %8d bytes\n", $9, $5}' >&2

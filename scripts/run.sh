@@ -39,8 +39,30 @@ fi
 config="${AIGW_CONFIG:-$ROOT/envoy/gateway.yaml}"
 case "$config" in /*) ;; *) config="$PWD/$config" ;; esac
 [ -f "$config" ] || die "AIGW_CONFIG: $config is not a file"
+# A configuration with a rate limit service (envoy/rate-limit.yaml) gets
+# one: AIGW_RATELIMIT=<host:port> of a service you run, or else a
+# redis-server and the test rate limit service with envoy/ratelimit-service.yaml.
+clusters=()
+if grep -q '# aigw:cluster_ratelimit' "$config"; then
+  if [ -n "${AIGW_RATELIMIT:-}" ]; then
+    rls="$AIGW_RATELIMIT"
+  else
+    command -v redis-server >/dev/null || die "redis-server not found (./scripts/setup.sh installs it)"
+    redis_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+    redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no >"$work/redis.out" &
+    pids+=($!)
+    "$ROOT/target/release/aigw-ratelimit-service" --addr 127.0.0.1:0 --redis "127.0.0.1:$redis_port" \
+      --config "${AIGW_RATELIMIT_CONFIG:-$ROOT/envoy/ratelimit-service.yaml}" >"$work/rls.out" &
+    pids+=($!)
+    for _ in $(seq 100); do grep -q listening "$work/rls.out" 2>/dev/null && break; sleep 0.05; done
+    rls="$(grep -o '127.0.0.1:[0-9]*' "$work/rls.out")" || die "the rate limit service did not start"
+    say "AIGW_RATELIMIT is not set: using a rate limit service at $rls over redis-server on port $redis_port"
+  fi
+  clusters+=("ratelimit=$rls")
+fi
+
 "$ROOT/target/release/aigw-config" "$config" "$port" "$admin_port" \
-  "$upstream" "$access_log" "$WASM_DIR" "${AIGW_UPSTREAM_CA:-}" >"$work/gateway.yaml"
+  "$upstream" "$access_log" "$WASM_DIR" "${AIGW_UPSTREAM_CA:-}" "${clusters[@]}" >"$work/gateway.yaml"
 "$ENVOY" -c "$work/gateway.yaml" --concurrency "${AIGW_CONCURRENCY:-2}" --disable-hot-restart \
   --file-flush-interval-msec 250 -l "${AIGW_LOG_LEVEL:-warning}" &
 envoy_pid=$!

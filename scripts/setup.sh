@@ -65,5 +65,17 @@ if ! command -v docker-compose >/dev/null; then
   fi
 fi
 
+# redis-server backs the rate limit service of the global rate-limit tests
+# (the tests start it on a loopback port of their own).
+if ! command -v redis-server >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing redis-server (for the global rate-limit tests)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  else
+    die "redis-server not found and cannot apt-get it"
+  fi
+fi
+
 mkdir -p "$ROOT/logs"
 say "set-up done: $("$ENVOY" --version | grep -o 'version: [^ ]*')"

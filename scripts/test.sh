@@ -15,7 +15,7 @@ for p in "${PLUGINS[@]}"; do plugins+=(-p "aigw-$p"); done
 say "format"
 cargo fmt --all --check
 say "lints (host crates, then the plugins for wasm)"
-cargo clippy --locked -p aigw-shared -p aigw-tests --all-targets -- -D warnings
+cargo clippy --locked -p aigw-shared -p aigw-tests -p aigw-ratelimit-service --all-targets -- -D warnings
 cargo clippy --locked --target wasm32-wasip1 "${plugins[@]}" -- -D warnings
 
 say "unit tests (the core, the harness, the mock)"

@@ -5,7 +5,9 @@ Starts ./scripts/run.sh (built-in mock LLM, free ports, its own access log),
 sends a non-streaming and a streaming chat completion, and checks that each
 produced one access-log line with the exact token counts the upstream
 reported, that Prometheus shows them by model and consumer, and that Ctrl-C
-(SIGINT to the process group) stops everything the command started.
+(SIGINT to the process group) stops everything the command started. Then
+runs it again with AIGW_CONFIG=envoy/rate-limit.yaml (API keys, a rate limit
+service over redis-server that the command starts) and checks the same stop.
 Standard library only; prints "N passed, N failed" and exits non-zero on any
 failure.
 """
@@ -40,14 +42,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def post(port, body, consumer):
+def post(port, body, consumer, headers=None):
+    return post_full(port, body, consumer, headers)[0]
+
+
+def post_full(port, body, consumer, headers=None):
+    """The answer's body and its headers (lower-case names)."""
     req = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
         data=json.dumps(body).encode(),
-        headers={"content-type": "application/json", "x-aigw-consumer": consumer},
+        headers={"content-type": "application/json", "x-aigw-consumer": consumer, **(headers or {})},
     )
     with urllib.request.urlopen(req, timeout=10) as r:
-        return r.read().decode()
+        return r.read().decode(), dict((k.lower(), v) for k, v in r.headers.items())
 
 
 def lines_for(path, consumer, deadline):
@@ -64,7 +71,7 @@ def lines_for(path, consumer, deadline):
     return []
 
 
-def start(work):
+def start(work, extra_env=None):
     """Starts run.sh on ports free a moment ago. run.sh takes real ports (users
     choose them), so another process may bind one in between: then Envoy
     exits with "address already in use", and this tries other ports."""
@@ -72,7 +79,10 @@ def start(work):
         port, admin = free_port(), free_port()
         env = dict(os.environ, AIGW_PORT=str(port), AIGW_ADMIN_PORT=str(admin),
                    AIGW_ACCESS_LOG=os.path.join(work, "access.jsonl"))
+        env.update(extra_env or {})
         env.pop("AIGW_UPSTREAM", None)
+        if extra_env:
+            env.pop("AIGW_RATELIMIT", None)
         out = open(os.path.join(work, f"run-{attempt}.out"), "w")
         proc = subprocess.Popen(
             [os.path.join(ROOT, "scripts", "run.sh")], env=env, stdout=out,
@@ -138,17 +148,50 @@ def main():
             check(f"{consumer}: output tokens in Prometheus by model and consumer",
                   value is not None and float(value) == reported.get("completion_tokens"), value)
     finally:
-        # Ctrl-C: SIGINT to the whole foreground group, as a terminal sends it.
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        time.sleep(0.5)
-        left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        check("Ctrl-C stops everything run.sh started", proc.poll() is not None and not left, left)
-        if left:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc, "")
+    rate_limit_run()
+
+
+def stop(proc, what):
+    """Ctrl-C: SIGINT to the whole foreground group, as a terminal sends it."""
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    check(f"Ctrl-C stops everything run.sh started{what}", proc.poll() is not None and not left, left)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def rate_limit_run():
+    """An example configuration through AIGW_CONFIG: rate-limit with API keys
+    and global counters, for which run.sh also starts redis-server and a
+    rate limit service (and Ctrl-C must stop them too)."""
+    what = " with AIGW_CONFIG=envoy/rate-limit.yaml"
+    work = tempfile.mkdtemp(prefix="aigw-smoke-")
+    log = os.path.join(work, "access.jsonl")
+    proc, out, port, admin, ready = start(work, {"AIGW_CONFIG": os.path.join(ROOT, "envoy", "rate-limit.yaml")})
+    try:
+        check(f"run.sh starts the gateway{what}", ready, open(out.name).read()[-2000:])
+        if not ready:
+            return
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        key = {"authorization": "Bearer sk-aigw-demo-alice"}
+        remaining = [post_full(port, body, "bob", key)[1].get("x-ratelimit-remaining-requests") for _ in range(2)]
+        check(f"the key's consumer is limited through the rate limit service{what}",
+              remaining == ["59", "58"], remaining)
+        deadline = time.time() + 5
+        lines = lines_for(log, "alice", deadline)
+        while len(lines) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+            lines = lines_for(log, "alice", deadline)
+        check(f"the log names the key's consumer, not the header's{what}",
+              len(lines) == 2 and all(l.get("ratelimit") == "allow" for l in lines), lines)
+    finally:
+        stop(proc, what)
 
 
 if __name__ == "__main__":

@@ -263,7 +263,8 @@ impl Metrics for FakeMetrics {
     }
 }
 
-/// Shared data in a map, with versions that move on every write.
+/// Shared data in a map, with versions that move on every write. Like the
+/// SDK over Envoy, it reads an empty value back as no value.
 #[derive(Debug, Default)]
 pub struct FakeSharedData {
     values: RefCell<HashMap<String, (Vec<u8>, u32)>>,
@@ -271,7 +272,11 @@ pub struct FakeSharedData {
 
 impl SharedData for FakeSharedData {
     fn get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
-        self.values.borrow().get(key).cloned()
+        self.values
+            .borrow()
+            .get(key)
+            .filter(|(v, _)| !v.is_empty())
+            .cloned()
     }
     fn set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), CasError> {
         let mut values = self.values.borrow_mut();

@@ -347,9 +347,12 @@ impl Stage for Chain {
     }
 
     fn log(&mut self, env: &mut Env<'_>, input: &LogInput) {
-        // Bottom to top, so the meter (the first stage) composes the
-        // access-log line after every other stage has said its last word.
-        for i in (0..self.stages.len()).rev() {
+        // Top to bottom, as Envoy runs the separate filters' log phases:
+        // the meter (the first stage) publishes the usage that the stages
+        // below it settle to (rate-limit refunds a reservation to it, a
+        // client that hung up included), and composes the access-log line
+        // from the facts they set before the log phase.
+        for i in 0..self.stages.len() {
             on!(self, env, i, |s, e| s.log(e, input));
         }
     }
@@ -392,10 +395,11 @@ impl Stage for Chain {
 pub struct Bundle {
     meter: Option<Rc<crate::meter::Meter>>,
     screen: Option<Rc<crate::screen::Screen>>,
+    rate_limit: Option<Rc<crate::ratelimit::RateLimit>>,
 }
 
 /// The stages the bundle knows, in chain order, by their configuration key.
-pub const STAGES: &[&str] = &["token_meter", "content_screen"];
+pub const STAGES: &[&str] = &["token_meter", "content_screen", "rate_limit"];
 
 fn compile<F: Filter>(
     key: &str,
@@ -431,6 +435,7 @@ impl Filter for Bundle {
         Ok(Bundle {
             meter: compile::<crate::meter::Meter>("token_meter", &doc)?,
             screen: compile::<crate::screen::Screen>("content_screen", &doc)?,
+            rate_limit: compile::<crate::ratelimit::RateLimit>("rate_limit", &doc)?,
         })
     }
 
@@ -442,16 +447,32 @@ impl Filter for Bundle {
         if let Some(s) = &bundle.screen {
             stages.push(Box::new(crate::screen::Screen::stage(s)));
         }
+        if let Some(r) = &bundle.rate_limit {
+            stages.push(Box::new(crate::ratelimit::RateLimit::stage(r)));
+        }
         Chain::new(stages)
     }
 
+    /// The shortest period any stage asks for; each stage's tick keeps its
+    /// own pace (rate-limit sweeps once a minute whatever it is called at).
     fn tick_ms(&self) -> Option<u64> {
-        self.meter.as_ref().and_then(|m| m.tick_ms())
+        let meter = self.meter.as_ref().and_then(|m| m.tick_ms());
+        let rate_limit = self.rate_limit.as_ref().and_then(|r| r.tick_ms());
+        meter.into_iter().chain(rate_limit).min()
     }
 
     fn tick(&self, env: &mut RootEnv<'_>) {
         if let Some(m) = &self.meter {
             m.tick(env);
+        }
+        if let Some(r) = &self.rate_limit {
+            r.tick(env);
+        }
+    }
+
+    fn start(&self, env: &mut RootEnv<'_>) {
+        if let Some(r) = &self.rate_limit {
+            r.start(env);
         }
     }
 }

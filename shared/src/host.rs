@@ -240,6 +240,13 @@ impl<F: Filter> RootContext for StageRoot<F> {
                 if let Some(ms) = filter.tick_ms() {
                     let _ = hostcalls::set_tick_period(Duration::from_millis(ms));
                 }
+                let root = ROOT_CONTEXT.with(Cell::get);
+                filter.start(&mut RootEnv {
+                    clock: &HostClock,
+                    metrics: &mut HostMetrics,
+                    shared: &mut HostSharedData,
+                    callouts: &mut HostCallouts { context_id: root },
+                });
                 self.filter = Some(Rc::new(filter));
                 true
             }

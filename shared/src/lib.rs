@@ -12,6 +12,7 @@ pub mod exchange; // runs a stage through a request over the fakes, for unit tes
 pub mod facts; // per-request facts the filters share, one key each
 #[cfg(feature = "host")]
 pub mod host; // the proxy-wasm adapter: the only code that names the SDK
+pub mod identity; // who is calling: API-key digests, a header, the client address
 pub mod metrics; // metric names, labels, and the series bound
 pub mod stage; // the interface every filter's logic implements
 
@@ -20,6 +21,7 @@ pub mod wire; // api, request, sse, json_scan, decode, usage
 
 // One folder per stage.
 pub mod meter; // token-meter: usage, prices, metrics, the access-log line
+pub mod ratelimit; // rate-limit: rules, local counters, the rate limit service, 429s
 
 // All of them in one VM.
 pub mod bundle; // the chain of stages, facts in memory, one body read

@@ -25,6 +25,8 @@ pub const LABELS: &[&str] = &[
     "action",
     "direction",
     "screen",
+    "rule",
+    "outcome",
 ];
 
 /// The value a label takes when series are capped or the value is unknown.

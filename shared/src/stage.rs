@@ -413,6 +413,11 @@ pub trait Filter: Sized + 'static {
     }
 
     fn tick(&self, _env: &mut RootEnv<'_>) {}
+
+    /// Runs once when the configuration is loaded, before the VM sees a
+    /// request (creating shared-data keys that must exist before workers race
+    /// on them, say).
+    fn start(&self, _env: &mut RootEnv<'_>) {}
 }
 
 #[cfg(test)]

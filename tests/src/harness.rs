@@ -231,6 +231,23 @@ impl Envoy {
         upstream_ca: Option<&Path>,
         clusters: &[(&str, SocketAddr)],
     ) -> Result<Envoy, String> {
+        Envoy::start_with_workers(yaml, upstream, upstream_ca, clusters, 0)
+    }
+
+    /// As [`Envoy::start_with_clusters`], with `workers` worker threads
+    /// (`--concurrency`), for tests of what workers share; 0 is the default
+    /// (1, or `AIGW_CONCURRENCY`).
+    pub fn start_with_workers(
+        yaml: &str,
+        upstream: &str,
+        upstream_ca: Option<&Path>,
+        clusters: &[(&str, SocketAddr)],
+        workers: u32,
+    ) -> Result<Envoy, String> {
+        let workers = match workers {
+            0 => concurrency(),
+            n => n.to_string(),
+        };
         let envoy = envoy_bin();
         if !envoy.exists() {
             return Err(format!(
@@ -266,7 +283,7 @@ impl Envoy {
         let child = envoy_command(&envoy)
             .arg("-c")
             .arg(&config)
-            .args(["--concurrency", &concurrency(), "--disable-hot-restart"])
+            .args(["--concurrency", &workers, "--disable-hot-restart"])
             .args(["--file-flush-interval-msec", "100"])
             .arg("--admin-address-path")
             .arg(&admin_address_file)

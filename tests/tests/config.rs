@@ -56,10 +56,21 @@ fn check_filter_config(plugin: &str, json: &str, origin: &str) {
         }
         "content-screen" => {
             if let Err(e) = aigw_shared::screen::Screen::from_json(json.as_bytes()) {
-                panic!("{origin}: content-screen rejects its configuration: {e}\n{json}");
+                panic!(
+                    "{origin}: content-screen rejects its configuration: {e}
+{json}"
+                );
             }
         }
-        "rate-limit" | "prompt-cache" | "model-router" => {
+        "rate-limit" => {
+            if let Err(e) = aigw_shared::ratelimit::RateLimit::from_json(json.as_bytes()) {
+                panic!(
+                    "{origin}: rate-limit rejects its configuration: {e}
+{json}"
+                );
+            }
+        }
+        "prompt-cache" | "model-router" => {
             if let Err(e) =
                 aigw_shared::config::parse::<aigw_shared::config::Empty>(json.as_bytes())
             {

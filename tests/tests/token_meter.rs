@@ -750,7 +750,14 @@ fn metrics_by_model_and_consumer() {
 
 #[test]
 fn cost_adds_up_over_many_cheap_requests() {
-    let gw = gateway();
+    // 1000 requests from one consumer: past the demo rate limit (60 a
+    // minute), which is not what this test measures.
+    let mock = MockLlm::start().expect("mock LLM starts");
+    let yaml =
+        aigw_tests::harness::gateway_yaml().replace("\"requests\": 60", "\"requests\": 100000");
+    assert!(yaml.contains("\"requests\": 100000"));
+    let envoy = Envoy::start_text(&yaml, mock.addr()).unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway { envoy, mock };
     let addr = gw.envoy.addr();
     // gpt-4o-mini at $0.15 / $0.60 per 1M tokens (envoy/gateway.yaml): one
     // input token is 0.15 micro-dollars. Counted in 1e-4 micro-dollars.
@@ -1143,6 +1150,10 @@ fn works_where_request_headers_cannot_be_held() {
         .replace(
             "\"pii\": \"redact\",",
             "\"pii\": \"redact\", \"hold_request_headers\": false,",
+        )
+        .replace(
+            "\"identity\": {",
+            "\"hold_request_headers\": false, \"identity\": {",
         );
     assert!(yaml.contains("\"hold_request_headers\": false"));
     let mock = MockLlm::start().unwrap();
