@@ -19,4 +19,5 @@ pub mod stage; // the interface every filter's logic implements
 pub mod wire; // api, request, sse, json_scan, decode, usage
 
 // One folder per stage.
-pub mod meter; // token-meter: usage, prices, metrics, the access-log line
+pub mod cache;
+pub mod meter; // token-meter: usage, prices, metrics, the access-log line // prompt-cache: key, policy, bounded local store, Redis tier, stream replay
