@@ -48,7 +48,12 @@ fn check_filter_config(plugin: &str, json: &str, origin: &str) {
                 panic!("{origin}: token-meter rejects its configuration: {e}\n{json}");
             }
         }
-        "rate-limit" | "prompt-cache" | "model-router" | "content-screen" => {
+        "prompt-cache" => {
+            if let Err(e) = aigw_shared::cache::Cache::from_json(json.as_bytes()) {
+                panic!("{origin}: prompt-cache rejects its configuration: {e}\n{json}");
+            }
+        }
+        "rate-limit" | "model-router" | "content-screen" => {
             if let Err(e) =
                 aigw_shared::config::parse::<aigw_shared::config::Empty>(json.as_bytes())
             {
@@ -157,7 +162,7 @@ fn gateway_yaml_chains_the_filters_that_do_something() {
     let mut configs = Vec::new();
     wasm_configs(&doc, &mut configs);
     let names: Vec<&str> = configs.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["token-meter"]);
+    assert_eq!(names, ["token-meter", "prompt-cache"]);
 }
 
 #[test]

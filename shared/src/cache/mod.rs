@@ -260,10 +260,11 @@ impl Cache {
             ));
         }
         let max_bytes = c.local.max_bytes.unwrap_or(64 << 20);
-        if !(4096..=(4 << 30)).contains(&max_bytes) {
+        // Within a 32-bit usize: the filter runs in wasm32.
+        if !(4096..=(1 << 30)).contains(&max_bytes) {
             return Err(ConfigError::new(
                 "local.max_bytes",
-                format!("{max_bytes} is outside 4096..=4294967296"),
+                format!("{max_bytes} is outside 4096..=1073741824"),
             ));
         }
         let local = Local::new(max_entries, max_bytes);
