@@ -52,5 +52,18 @@ if ! command -v docker-compose >/dev/null; then
   fi
 fi
 
+# Redis behind webdis is the prompt cache's shared tier; its tests start both
+# on loopback ports of their own (the packages' services are not used).
+# Debian's archive keeps one version of each, so they are not pinned.
+if ! command -v redis-server >/dev/null || ! command -v webdis >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing redis-server and webdis (the prompt cache's shared tier)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server webdis >/dev/null
+  else
+    die "redis-server and webdis not found and cannot apt-get them"
+  fi
+fi
+
 mkdir -p "$ROOT/logs"
 say "set-up done: $("$ENVOY" --version | grep -o 'version: [^ ]*')"

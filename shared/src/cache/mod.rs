@@ -602,7 +602,12 @@ impl CacheStage {
         let key = asked.key;
         let no_cache = asked.no_cache;
         let now = env.clock.now_ms();
-        if let Some(e) = self.cache.local.get(env.shared, &key, now) {
+        // With no-cache an entry is only wanted as a stale stand-in.
+        let wanted = !no_cache || self.cache.stale_ms.is_some();
+        if let Some(e) = wanted
+            .then(|| self.cache.local.get(env.shared, &key, now))
+            .flatten()
+        {
             if e.is_fresh(now) && !no_cache {
                 if let Some(step) = self.hit(env, &e) {
                     return step;
@@ -834,7 +839,7 @@ impl Stage for CacheStage {
         &mut self,
         env: &mut Env<'_>,
         headers: &mut Headers,
-        _end_of_stream: bool,
+        end_of_stream: bool,
     ) -> Step {
         if matches!(self.outcome, Outcome::None | Outcome::Hit) {
             return Step::Continue;
@@ -843,7 +848,8 @@ impl Stage for CacheStage {
             .get(":status")
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        if self.outcome == Outcome::Miss && (status == 429 || status >= 500) {
+        // A header-only error has no body to rewrite into the stale answer.
+        if self.outcome == Outcome::Miss && (status == 429 || status >= 500) && !end_of_stream {
             if let Some(stale) = self.stale.take().filter(|_| self.cache.stale_ms.is_some()) {
                 let now = env.clock.now_ms();
                 let op = self.api.as_ref().map(|a| a.operation);

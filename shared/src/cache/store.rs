@@ -257,7 +257,19 @@ impl Local {
     }
 
     fn touch(&self, shared: &mut dyn SharedData, shard: usize, key: &Key, now_ms: u64) {
-        let mut r = self.recency(shared, shard);
+        let r = self.recency(shared, shard);
+        self.touch_with(shared, shard, r, key, now_ms);
+    }
+
+    /// Marks `key` used now, given the recency hints just read.
+    fn touch_with(
+        &self,
+        shared: &mut dyn SharedData,
+        shard: usize,
+        mut r: Vec<([u8; 8], u64)>,
+        key: &Key,
+        now_ms: u64,
+    ) {
         let id = short(key);
         r.retain(|(k, _)| *k != id);
         r.push((id, now_ms));
@@ -317,7 +329,7 @@ impl Local {
             let value = encode_shard(&all);
             match shared.set(&self.shard_key(shard), &value, cas) {
                 Ok(()) => {
-                    self.touch(shared, shard, &entry.key, now_ms);
+                    self.touch_with(shared, shard, recency, &entry.key, now_ms);
                     return Stored {
                         stored: true,
                         evicted,

@@ -59,7 +59,22 @@ fn bare(yaml: &str) -> Result<String, String> {
     Ok(format!("{}{}", &yaml[..start], &yaml[end..]))
 }
 
-/// gateway.yaml with the four other modules (pass-through shells today) chained above the meter.
+const CACHE_START: &str = "          - name: aigw.prompt_cache\n";
+
+/// gateway.yaml without the prompt cache: the meter's own cost.
+fn without_cache(yaml: &str) -> String {
+    let Some(start) = yaml.find(CACHE_START) else {
+        return yaml.to_string();
+    };
+    let rest = &yaml[start + CACHE_START.len()..];
+    let end = rest
+        .find("          - name: ")
+        .map_or(yaml.len(), |i| start + CACHE_START.len() + i);
+    format!("{}{}", &yaml[..start], &yaml[end..])
+}
+
+/// gateway.yaml (without its cache block) with the four other modules chained above the
+/// meter, each with its default configuration (pass-through shells for those not built yet).
 fn all_five(yaml: &str) -> Result<String, String> {
     let start = yaml
         .find(FILTER_START)
@@ -77,6 +92,7 @@ fn all_five(yaml: &str) -> Result<String, String> {
               \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
                 name: {name}
+                allow_on_headers_stop_iteration: true
                 failure_policy: FAIL_RELOAD
                 vm_config:
                   vm_id: aigw-{name}
@@ -225,7 +241,8 @@ fn load(addr: SocketAddr, pid: u32, request: &[u8], opts: &Opts) -> Result<Resul
     })
 }
 
-fn request(stream: bool) -> Vec<u8> {
+/// `extra`: more request header lines (`name: value\r\n`).
+fn request(stream: bool, extra: &str) -> Vec<u8> {
     // About 1 KiB of JSON, like a short chat turn with a system prompt.
     let system = "You are a helpful assistant. ".repeat(20);
     let body = serde_json::json!({
@@ -238,7 +255,7 @@ fn request(stream: bool) -> Vec<u8> {
     })
     .to_string();
     format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\nx-aigw-consumer: bench\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\nx-aigw-consumer: bench\r\n{extra}content-length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
@@ -248,10 +265,15 @@ fn run() -> Result<(), String> {
     let opts = parse_opts()?;
     let gateway =
         std::fs::read_to_string(root().join("envoy/gateway.yaml")).map_err(|e| e.to_string())?;
+    // The same request every time: behind the prompt cache that is a hit
+    // after the first; `no-cache` makes every one a miss that is stored.
+    let no_cache = "cache-control: no-cache\r\n";
     let variants = [
-        ("bare envoy", bare(&gateway)?),
-        ("token-meter", gateway.clone()),
-        ("5 modules", all_five(&gateway)?),
+        ("bare envoy", bare(&gateway)?, ""),
+        ("token-meter", without_cache(&gateway), ""),
+        ("cache miss", gateway.clone(), no_cache),
+        ("cache hit", gateway.clone(), ""),
+        ("5 modules", all_five(&without_cache(&gateway))?, no_cache),
     ];
     let mock = MockLlm::start().map_err(|e| e.to_string())?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -276,9 +298,9 @@ fn run() -> Result<(), String> {
         "req/s x"
     );
     for (stream, shape) in [(false, "json"), (true, "stream")] {
-        let req = request(stream);
         let mut base: Option<(f64, f64)> = None;
-        for (name, yaml) in &variants {
+        for (name, yaml, extra) in &variants {
+            let req = request(stream, extra);
             let envoy = Envoy::start_text(yaml, mock.addr())?;
             if pinned {
                 pin(envoy.pid(), "1");
