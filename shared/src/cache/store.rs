@@ -15,7 +15,9 @@
 //! therefore always whole and within its budget, whatever the workers do at
 //! the same time, and the sum of the shard budgets is the configured bound:
 //! it is never exceeded, not even for a moment. Within a shard the least
-//! recently used entry goes first (expired ones before that). Recency lives
+//! recently used entry goes first (expired ones before that); each record
+//! carries its key and stale deadline in a binary header, so choosing a
+//! victim or finding an entry parses nothing and copies nothing. Recency lives
 //! in a small side value per shard that hits write without compare-and-swap
 //! (a lost update only makes eviction slightly less exact), so a hit never
 //! copies a whole shard back.
@@ -31,7 +33,7 @@ pub const WAYS: usize = 8;
 const ENTRY_MAGIC: &str = "aigw-cache";
 /// Bumped whenever the encoding changes: an entry of another version is a miss.
 pub const FORMAT_VERSION: u32 = 1;
-const SHARD_MAGIC: &[u8; 5] = b"AGCS\x01";
+const SHARD_MAGIC: &[u8; 5] = b"AGCS\x02";
 
 /// One cached answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,50 +118,56 @@ impl Entry {
     }
 }
 
-/// A shard as stored: its entries, encoded.
-fn decode_shard(bytes: &[u8]) -> Option<Vec<Vec<u8>>> {
+/// One entry of a shard, borrowed from the shard's bytes: what eviction
+/// needs is in a fixed binary header, so no entry is parsed or copied to
+/// find one or to choose a victim.
+struct Record<'a> {
+    key: &'a [u8],
+    stale_until_ms: u64,
+    entry: &'a [u8],
+}
+
+/// Per record: key (32), stale-until (8), length (4), then the entry.
+const RECORD_HEADER: usize = 32 + 8 + 4;
+
+/// A shard's records; `None` for bytes that are not a whole shard.
+fn decode_shard(bytes: &[u8]) -> Option<Vec<Record<'_>>> {
     let mut rest = bytes.strip_prefix(SHARD_MAGIC)?;
     let (&n, r) = rest.split_first()?;
     rest = r;
     let mut out = Vec::with_capacity(usize::from(n));
     for _ in 0..n {
-        let len: [u8; 4] = rest.get(..4)?.try_into().ok()?;
+        let head = rest.get(..RECORD_HEADER)?;
+        let stale: [u8; 8] = head[32..40].try_into().ok()?;
+        let len: [u8; 4] = head[40..44].try_into().ok()?;
         let len = u32::from_le_bytes(len) as usize;
-        let e = rest.get(4..4 + len)?;
-        out.push(e.to_vec());
-        rest = &rest[4 + len..];
+        let entry = rest.get(RECORD_HEADER..RECORD_HEADER.checked_add(len)?)?;
+        out.push(Record {
+            key: &head[..32],
+            stale_until_ms: u64::from_le_bytes(stale),
+            entry,
+        });
+        rest = &rest[RECORD_HEADER + len..];
     }
     rest.is_empty().then_some(out)
 }
 
-fn encode_shard(entries: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = SHARD_MAGIC.to_vec();
-    out.push(entries.len() as u8);
-    for e in entries {
-        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
-        out.extend_from_slice(e);
+fn encode_shard(records: &[Record<'_>]) -> Vec<u8> {
+    let size: usize = records.iter().map(|r| r.entry.len()).sum();
+    let mut out = Vec::with_capacity(shard_overhead(records.len()) + size);
+    out.extend_from_slice(SHARD_MAGIC);
+    out.push(records.len() as u8);
+    for r in records {
+        out.extend_from_slice(r.key);
+        out.extend_from_slice(&r.stale_until_ms.to_le_bytes());
+        out.extend_from_slice(&(r.entry.len() as u32).to_le_bytes());
+        out.extend_from_slice(r.entry);
     }
     out
 }
 
 fn shard_overhead(n: usize) -> usize {
-    SHARD_MAGIC.len() + 1 + 4 * n
-}
-
-/// The key an encoded entry is for, without checking the rest.
-fn entry_key(bytes: &[u8]) -> Option<&[u8]> {
-    // `aigw-cache {"v":1,"key":"<64 hex>"`: the key is at a fixed place.
-    let at = bytes.windows(7).position(|w| w == b"\"key\":\"")? + 7;
-    bytes.get(at..at + 64)
-}
-
-fn entry_stale_until(bytes: &[u8]) -> u64 {
-    let Some(rest) = bytes.strip_prefix(ENTRY_MAGIC.as_bytes()) else {
-        return 0;
-    };
-    let nl = rest.iter().position(|b| *b == b'\n').unwrap_or(rest.len());
-    serde_json::from_slice::<Meta>(rest.get(1..nl).unwrap_or_default())
-        .map_or(0, |m| m.stale_until_ms)
+    SHARD_MAGIC.len() + 1 + RECORD_HEADER * n
 }
 
 /// What a store did.
@@ -222,11 +230,8 @@ impl Local {
     pub fn get(&self, shared: &mut dyn SharedData, key: &Key, now_ms: u64) -> Option<Entry> {
         let shard = self.shard_of(key);
         let (bytes, _) = shared.get(&self.shard_key(shard))?;
-        let hexkey = key.hex();
-        let entries = decode_shard(&bytes)?;
-        let raw = entries
-            .iter()
-            .find(|e| entry_key(e) == Some(hexkey.as_bytes()))?;
+        let records = decode_shard(&bytes)?;
+        let raw = records.iter().find(|r| r.key == key.0)?.entry;
         let entry = Entry::decode(raw, key)?;
         self.touch(shared, shard, key, now_ms);
         Some(entry)
@@ -289,33 +294,31 @@ impl Local {
         if ways == 0 || encoded.len() + shard_overhead(1) > budget {
             return Stored::default();
         }
-        let hexkey = entry.key.hex();
         for _ in 0..8 {
             let (current, cas) = match shared.get(&self.shard_key(shard)) {
-                Some((b, cas)) => (decode_shard(&b).unwrap_or_default(), Some(cas)),
+                Some((b, cas)) => (b, Some(cas)),
                 // Never written: the first write must not race another first write.
                 None => (Vec::new(), Some(0)),
             };
+            // A corrupt shard holds nothing worth keeping: it is overwritten.
+            let records = decode_shard(&current).unwrap_or_default();
             let recency = self.recency(shared, shard);
-            let last_used = |raw: &[u8]| -> u64 {
-                let Some(k) = entry_key(raw) else { return 0 };
-                let id = short_hex(k);
+            let last_used = |key: &[u8]| -> u64 {
                 recency
                     .iter()
-                    .find(|(r, _)| Some(*r) == id)
+                    .find(|(r, _)| key.get(8..16) == Some(&r[..]))
                     .map_or(0, |(_, t)| *t)
             };
             // Keep the others that are still servable (fresh or stale), most recent first.
-            let mut kept: Vec<(u64, Vec<u8>)> = current
+            let mut kept: Vec<(u64, Record<'_>)> = records
                 .into_iter()
-                .filter(|e| entry_key(e) != Some(hexkey.as_bytes()))
-                .filter(|e| entry_stale_until(e) > now_ms)
-                .map(|e| (last_used(&e), e))
+                .filter(|r| r.key != entry.key.0 && r.stale_until_ms > now_ms)
+                .map(|r| (last_used(r.key), r))
                 .collect();
             kept.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
             let mut evicted = 0;
             loop {
-                let bytes: usize = kept.iter().map(|(_, e)| e.len()).sum::<usize>()
+                let bytes: usize = kept.iter().map(|(_, r)| r.entry.len()).sum::<usize>()
                     + encoded.len()
                     + shard_overhead(kept.len() + 1);
                 if kept.len() < ways && bytes <= budget {
@@ -324,8 +327,12 @@ impl Local {
                 kept.pop();
                 evicted += 1;
             }
-            let mut all: Vec<Vec<u8>> = kept.into_iter().map(|(_, e)| e).collect();
-            all.push(encoded.clone());
+            let mut all: Vec<Record<'_>> = kept.into_iter().map(|(_, r)| r).collect();
+            all.push(Record {
+                key: &entry.key.0,
+                stale_until_ms: entry.stale_until_ms,
+                entry: &encoded,
+            });
             let value = encode_shard(&all);
             match shared.set(&self.shard_key(shard), &value, cas) {
                 Ok(()) => {
@@ -347,15 +354,6 @@ fn short(key: &Key) -> [u8; 8] {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key.0[8..16]);
     b
-}
-
-fn short_hex(hexkey: &[u8]) -> Option<[u8; 8]> {
-    let mut out = [0u8; 8];
-    for (i, o) in out.iter_mut().enumerate() {
-        let pair = std::str::from_utf8(hexkey.get(16 + 2 * i..18 + 2 * i)?).ok()?;
-        *o = u8::from_str_radix(pair, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -424,11 +422,19 @@ mod tests {
         let mut shared = FakeSharedData::default();
         let e = entry(1, 0, 10);
         shared
-            .set(&local.shard_key(0), b"AGCS\x01\x05garbage", None)
+            .set(&local.shard_key(0), b"AGCS\x02\x05garbage", None)
             .unwrap();
         assert_eq!(local.get(&mut shared, &e.key, 0), None);
         assert!(local.put(&mut shared, &e, 0).stored);
-        assert_eq!(local.get(&mut shared, &e.key, 1), Some(e));
+        assert_eq!(local.get(&mut shared, &e.key, 1), Some(e.clone()));
+        // A whole shard whose entry was damaged: a miss, then overwritten.
+        let (mut bytes, _) = shared.get(&local.shard_key(0)).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        shared.set(&local.shard_key(0), &bytes, None).unwrap();
+        assert_eq!(local.get(&mut shared, &e.key, 2), None);
+        assert!(local.put(&mut shared, &e, 3).stored);
+        assert_eq!(local.get(&mut shared, &e.key, 4), Some(e));
     }
 
     #[test]
