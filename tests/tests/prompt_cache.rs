@@ -297,41 +297,22 @@ fn a_streamed_answer_is_stored_and_replayed_as_sse_and_as_json() {
         ("x-aigw-consumer", "carol"),
         ("content-type", "application/json"),
     ];
-    let a1 = send(
-        g.envoy.addr(),
-        "/v1/messages",
-        &headers,
-        anthropic.as_bytes(),
-    );
-    assert_eq!(said(&a1), Some("miss"));
-    let a2 = send(
-        g.envoy.addr(),
-        "/v1/messages",
-        &headers,
-        anthropic.as_bytes(),
-    );
-    assert_eq!(said(&a2), Some("hit"));
-    let t = a2.text();
+    // Asked twice: a miss that is stored, then the hit it returns.
+    let twice = |path: &str, body: &str| {
+        let first = send(g.envoy.addr(), path, &headers, body.as_bytes());
+        assert_eq!(said(&first), Some("miss"), "{path}");
+        let again = send(g.envoy.addr(), path, &headers, body.as_bytes());
+        assert_eq!(said(&again), Some("hit"), "{path}");
+        again
+    };
+    let t = twice("/v1/messages", &anthropic).text();
     assert!(t.starts_with("event: message_start\n"), "{t}");
     assert!(
         t.ends_with("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
         "{t}"
     );
     let responses = json!({"model": "gpt-4o", "input": "hello there", "stream": true}).to_string();
-    let r1 = send(
-        g.envoy.addr(),
-        "/v1/responses",
-        &headers,
-        responses.as_bytes(),
-    );
-    assert_eq!(said(&r1), Some("miss"));
-    let r2 = send(
-        g.envoy.addr(),
-        "/v1/responses",
-        &headers,
-        responses.as_bytes(),
-    );
-    assert_eq!(said(&r2), Some("hit"));
+    let r2 = twice("/v1/responses", &responses);
     assert!(
         r2.text().contains("event: response.completed\n"),
         "{}",

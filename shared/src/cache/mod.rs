@@ -208,21 +208,17 @@ impl Cache {
                 }
             }
         }
-        let ttl = c.ttl_seconds.unwrap_or(300);
-        let check_ttl = |field: String, s: u64| {
-            if (1..=30 * 86_400).contains(&s) {
-                Ok(s * 1000)
-            } else {
-                Err(ConfigError::new(
-                    field,
-                    format!("{s} is outside 1..=2592000 seconds"),
-                ))
-            }
+        // Seconds, up to 30 days, as milliseconds.
+        let seconds = |field: &str, s: Option<u64>, default: u64| {
+            config::within(field, s, default, 1..=30 * 86_400).map(|s| s * 1000)
         };
-        let ttl_ms = check_ttl("ttl_seconds".into(), ttl)?;
+        let ttl_ms = seconds("ttl_seconds", c.ttl_seconds, 300)?;
         let mut ttl_by_model = BTreeMap::new();
         for (m, s) in &c.ttl_by_model {
-            ttl_by_model.insert(m.clone(), check_ttl(format!("ttl_by_model.{m}"), *s)?);
+            ttl_by_model.insert(
+                m.clone(),
+                seconds(&format!("ttl_by_model.{m}"), Some(*s), 300)?,
+            );
         }
         let finish_reasons = c.finish_reasons.unwrap_or_else(|| vec!["stop".into()]);
         for (i, r) in finish_reasons.iter().enumerate() {
@@ -234,39 +230,31 @@ impl Cache {
             }
         }
         if let Some(t) = c.max_temperature {
-            if !(0.0..=2.0).contains(&t) {
-                return Err(ConfigError::new(
-                    "max_temperature",
-                    format!("{t} is outside 0..=2"),
-                ));
-            }
+            config::within("max_temperature", Some(t), 0.0, 0.0..=2.0)?;
         }
         let bypass_header = config::header_name(
             "bypass_header",
             c.bypass_header.as_deref().unwrap_or(DEFAULT_BYPASS_HEADER),
         )?;
-        let max_request_bytes = c.max_request_bytes.unwrap_or(1 << 20);
-        if !(1024..=(64 << 20)).contains(&max_request_bytes) {
-            return Err(ConfigError::new(
-                "max_request_bytes",
-                format!("{max_request_bytes} is outside 1024..=67108864"),
-            ));
-        }
-        let max_entries = c.local.max_entries.unwrap_or(1024);
-        if !(1..=1_000_000).contains(&max_entries) {
-            return Err(ConfigError::new(
-                "local.max_entries",
-                format!("{max_entries} is outside 1..=1000000"),
-            ));
-        }
-        let max_bytes = c.local.max_bytes.unwrap_or(64 << 20);
+        let max_request_bytes = config::within(
+            "max_request_bytes",
+            c.max_request_bytes,
+            1 << 20,
+            1024..=(64 << 20),
+        )?;
+        let max_entries = config::within(
+            "local.max_entries",
+            c.local.max_entries,
+            1024,
+            1..=1_000_000,
+        )?;
         // Within a 32-bit usize: the filter runs in wasm32.
-        if !(4096..=(1 << 30)).contains(&max_bytes) {
-            return Err(ConfigError::new(
-                "local.max_bytes",
-                format!("{max_bytes} is outside 4096..=1073741824"),
-            ));
-        }
+        let max_bytes = config::within(
+            "local.max_bytes",
+            c.local.max_bytes,
+            64 << 20,
+            4096..=(1 << 30),
+        )?;
         let local = Local::new(max_entries, max_bytes);
         let max_answer_bytes = c.max_answer_bytes.unwrap_or(1 << 20);
         if max_answer_bytes < 256 {
@@ -293,13 +281,7 @@ impl Cache {
                         ),
                     ));
                 }
-                let timeout_ms = r.timeout_ms.unwrap_or(50);
-                if !(1..=10_000).contains(&timeout_ms) {
-                    return Err(ConfigError::new(
-                        "redis.timeout_ms",
-                        format!("{timeout_ms} is outside 1..=10000"),
-                    ));
-                }
+                let timeout_ms = config::within("redis.timeout_ms", r.timeout_ms, 50, 1..=10_000)?;
                 Some(Redis {
                     authority: r.authority.unwrap_or_else(|| r.cluster.clone()),
                     cluster: r.cluster,
@@ -310,9 +292,10 @@ impl Cache {
         };
         let stale_ms = match c.stale_on_error {
             None => None,
-            Some(s) => Some(check_ttl(
-                "stale_on_error.window_seconds".into(),
-                s.window_seconds,
+            Some(s) => Some(seconds(
+                "stale_on_error.window_seconds",
+                Some(s.window_seconds),
+                0,
             )?),
         };
         Ok(Cache {
