@@ -591,3 +591,31 @@ fn hit_latency_against_miss_latency() {
     );
     assert_eq!(g.upstream_calls(), n);
 }
+
+#[test]
+fn hits_work_where_request_headers_cannot_be_held() {
+    // As under Istio: no allow_on_headers_stop_iteration, hold_request_headers false.
+    let g = gateway_with("envoy/gateway.yaml", |t| {
+        t.replace(
+            "allow_on_headers_stop_iteration: true",
+            "allow_on_headers_stop_iteration: false",
+        )
+        .replace(
+            "\"consumer_header\": \"x-aigw-consumer\",",
+            "\"consumer_header\": \"x-aigw-consumer\", \"hold_request_headers\": false,",
+        )
+    });
+    let body = chat("not held", json!({}));
+    let first = g.post("judy", &[], &body);
+    assert_eq!((first.status, said(&first)), (200, Some("miss")));
+    let hit = g.post("judy", &[], &body);
+    assert_eq!((hit.status, said(&hit)), (200, Some("hit")));
+    assert_eq!(hit.json(), first.json());
+    let complete = g
+        .mock
+        .requests()
+        .iter()
+        .filter(|r| String::from_utf8_lossy(&r.body).contains("not held"))
+        .count();
+    assert_eq!(complete, 1, "the hit's body never reached the upstream");
+}

@@ -510,7 +510,13 @@ fn metrics_by_model_and_consumer() {
     gw.post(
         "/v1/chat/completions",
         "metrics-a",
-        &[("x-mock-chunks", "3"), ("x-mock-ttft-ms", "30")],
+        // The prompt cache in gateway.yaml would answer this from the entry
+        // the first request left (stream or not, one entry); ask upstream.
+        &[
+            ("x-mock-chunks", "3"),
+            ("x-mock-ttft-ms", "30"),
+            ("cache-control", "no-cache"),
+        ],
         &chat(Some(Value::Null)),
     );
     gw.post("/v1/messages", "metrics-b", &[("x-mock-chunks", "2")], &json!({"model": "claude-sonnet-4-5", "max_tokens": 9, "messages": [{"role": "user", "content": PROMPT}]}).to_string());

@@ -77,6 +77,12 @@ pub struct CacheConfig {
     pub bypass_header: Option<String>,
     /// Largest request body that is cached (default 1 MiB); larger ones bypass.
     pub max_request_bytes: Option<usize>,
+    /// Hold request headers while the body is read, so a hit never reaches
+    /// the upstream at all (default true; needs Envoy's
+    /// `allow_on_headers_stop_iteration`). False lets the headers go on at
+    /// once, for hosts that cannot set that option (Istio's WasmPlugin): a hit
+    /// then resets the upstream request before its body is sent.
+    pub hold_request_headers: Option<bool>,
     /// Largest answer stored (default 1 MiB; also bounded by the local shard size).
     pub max_answer_bytes: Option<usize>,
     pub local: LocalConfig,
@@ -145,6 +151,7 @@ pub struct Cache {
     fold_whitespace: bool,
     bypass_header: String,
     max_request_bytes: usize,
+    hold_request_headers: bool,
     max_answer_bytes: usize,
     local: Local,
     redis: Option<Redis>,
@@ -310,6 +317,7 @@ impl Cache {
             fold_whitespace: c.fold_whitespace.unwrap_or(false),
             bypass_header,
             max_request_bytes,
+            hold_request_headers: c.hold_request_headers.unwrap_or(true),
             max_answer_bytes,
             local,
             redis,
@@ -755,7 +763,9 @@ impl Stage for CacheStage {
         }
         (self.no_cache, self.no_store) = cache_control(headers);
         // Held so that a hit never reaches the upstream, not even its headers.
-        Step::ReadBody { hold_headers: true }
+        Step::ReadBody {
+            hold_headers: self.cache.hold_request_headers,
+        }
     }
 
     fn request_body(
