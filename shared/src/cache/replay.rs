@@ -154,7 +154,10 @@ impl Assembler {
                             if let Some(part) = f.get(k).and_then(Value::as_str) {
                                 let so_far = func.get(k).and_then(Value::as_str).unwrap_or("");
                                 let joined = format!("{so_far}{part}");
-                                func[k] = Value::String(joined);
+                                if !set(func, k, Value::String(joined)) {
+                                    self.failed = true;
+                                    return;
+                                }
                             }
                         }
                     }
@@ -186,22 +189,30 @@ impl Assembler {
                     self.failed = true;
                     return;
                 };
-                let append = |block: &mut Value, field: &str, part: Option<&str>| {
-                    if let Some(part) = part {
+                let append = |block: &mut Value, field: &str, part: Option<&str>| match part {
+                    Some(part) => {
                         let so_far = block.get(field).and_then(Value::as_str).unwrap_or("");
-                        block[field] = Value::String(format!("{so_far}{part}"));
+                        let joined = Value::String(format!("{so_far}{part}"));
+                        set(block, field, joined)
                     }
+                    None => true,
                 };
-                match d.get("type").and_then(Value::as_str) {
+                let ok = match d.get("type").and_then(Value::as_str) {
                     Some("text_delta") => append(block, "text", d["text"].as_str()),
                     Some("thinking_delta") => append(block, "thinking", d["thinking"].as_str()),
                     Some("signature_delta") => append(block, "signature", d["signature"].as_str()),
                     Some("input_json_delta") => {
-                        if let Some(p) = d["partial_json"].as_str() {
-                            self.partial_json[i].push_str(p);
+                        if let (Some(p), Some(acc)) =
+                            (d["partial_json"].as_str(), self.partial_json.get_mut(i))
+                        {
+                            acc.push_str(p);
                         }
+                        true
                     }
-                    _ => {}
+                    _ => true,
+                };
+                if !ok {
+                    self.failed = true;
                 }
             }
             "content_block_stop" => {
@@ -214,9 +225,9 @@ impl Assembler {
                         } else {
                             serde_json::from_str(&json_text)
                         };
-                        match input {
-                            Ok(input) => block["input"] = input,
-                            Err(_) => self.failed = true,
+                        let set_ok = input.is_ok_and(|input| set(block, "input", input));
+                        if !set_ok {
+                            self.failed = true;
                         }
                     }
                 }
@@ -234,8 +245,9 @@ impl Assembler {
                 if let Some(Value::Object(u)) = v.get("usage") {
                     let usage = m.entry("usage").or_insert_with(|| json!({}));
                     for (k, x) in u {
-                        if !x.is_null() {
-                            usage[k.as_str()] = x.clone();
+                        if !x.is_null() && !set(usage, k, x.clone()) {
+                            self.failed = true;
+                            return;
                         }
                     }
                 }
@@ -317,6 +329,18 @@ impl Assembler {
             Operation::Responses => self.response,
             Operation::Embeddings => None,
         }
+    }
+}
+
+/// Sets a member of a JSON object; `false` when the value is not an object
+/// (an upstream's odd event, which must not trap the VM).
+fn set(v: &mut Value, k: &str, x: Value) -> bool {
+    match v.as_object_mut() {
+        Some(m) => {
+            m.insert(k.to_string(), x);
+            true
+        }
+        None => false,
     }
 }
 
@@ -785,6 +809,42 @@ mod tests {
         let failed =
             b"event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{}}\n\n";
         assert!(assemble(Operation::Responses, failed).is_none());
+    }
+
+    #[test]
+    fn odd_events_are_not_answers_and_never_panic() {
+        let streams: &[(Operation, &str)] = &[
+            (Operation::Messages, "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":5}}\n\nevent: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":1}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+            (Operation::Messages, "data: {\"type\":\"message_start\",\"message\":{}}\n\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":5}\n\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"x\"}}\n\ndata: {\"type\":\"message_stop\"}\n\n"),
+            (Operation::Messages, "data: {\"type\":\"message_start\",\"message\":{}}\n\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":[]}\n\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\ndata: {\"type\":\"content_block_delta\",\"index\":7,\"delta\":{}}\n\ndata: {\"type\":\"message_stop\"}\n\n"),
+            (Operation::Chat, "data: {\"choices\":[{\"index\":99999,\"delta\":{}}]}\n\ndata: [DONE]\n\n"),
+            (Operation::Chat, "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":5}]}}]}\n\ndata: [DONE]\n\n"),
+            (Operation::Chat, "data: {\"choices\":5}\n\ndata: [DONE]\n\n"),
+            (Operation::Responses, "data: {\"type\":\"response.completed\"}\n\n"),
+        ];
+        let stop = ["stop".to_string()];
+        for (op, s) in streams {
+            // Either no answer, or none worth keeping.
+            let kept = assemble(*op, s.as_bytes()).is_some_and(|a| finish_allowed(*op, &a, &stop));
+            assert!(!kept, "{op:?}: {s}");
+        }
+        for answer in [
+            json!(5),
+            json!({"choices": 5}),
+            json!({"content": [5], "usage": 3}),
+            json!({"output": [{"content": 7}]}),
+        ] {
+            for op in [
+                Operation::Chat,
+                Operation::Completions,
+                Operation::Messages,
+                Operation::Responses,
+            ] {
+                let _ = to_stream(op, &answer, true);
+                let _ = finish_allowed(op, &answer, &["stop".to_string()]);
+                let _ = tokens(&answer);
+            }
+        }
     }
 
     #[test]

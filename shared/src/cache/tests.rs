@@ -482,3 +482,32 @@ fn bad_configurations_name_the_field() {
     }
     assert!(Cache::from_json(b"").is_ok());
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Whatever the client sends and the upstream answers, the stage decides
+    /// without panicking, and what it stores replays without panicking.
+    #[test]
+    fn arbitrary_bytes_never_panic(
+        request in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+        pieces in proptest::collection::vec(
+            proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200), 0..6),
+        sse in proptest::prelude::any::<bool>(),
+        path in proptest::sample::select(vec![CHAT, "/v1/completions", "/v1/messages", "/v1/responses", "/v1/embeddings"]),
+    ) {
+        let c = cache("");
+        let mut host = Host::default();
+        let content_type = if sse { "text/event-stream" } else { "application/json" };
+        let mut ex = Exchange::post(path, "").header("x-aigw-consumer", "p")
+            .answer(200, content_type, pieces.clone());
+        ex.request_body = request.clone();
+        run(&mut host, &c, &ex);
+        // A valid request, so the answer is read for storing, then asked again.
+        let mut ex = Exchange::post(path, &body(r#","stream":true"#)).header("x-aigw-consumer", "p")
+            .answer(200, content_type, pieces);
+        run(&mut host, &c, &ex);
+        ex.request_body = body("").into_bytes();
+        run(&mut host, &c, &ex);
+    }
+}
