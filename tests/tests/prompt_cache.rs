@@ -154,6 +154,11 @@ fn a_repeated_prompt_is_a_hit_that_never_reaches_the_upstream() {
     assert_eq!(lines[1]["input_tokens"], lines[0]["input_tokens"]);
     assert_eq!(lines[1]["output_tokens"], 5);
     assert_eq!(lines[1]["usage_source"], "provider");
+    assert_eq!(lines[1]["cost_usd"], 0.0, "nothing was paid for the hit");
+    assert!(lines[0]["cost_usd"].as_f64().unwrap() > 0.0);
+    // Upstream tokens count the miss only; the hit's are counted as saved.
+    let output = [("consumer", "alice"), ("token_type", "output")];
+    assert_eq!(g.envoy.metric("aigw_tokens_total", &output), Some(5.0));
 
     assert_eq!(g.metric("aigw_cache_hits_total"), 1.0);
     assert_eq!(g.metric("aigw_cache_stores_total"), 1.0);

@@ -500,10 +500,11 @@ fn compressed_responses_are_metered() {
 fn metrics_by_model_and_consumer() {
     let gw = gateway();
     for _ in 0..2 {
+        // no-cache: both reach the upstream (a cache hit counts no tokens).
         gw.post(
             "/v1/chat/completions",
             "metrics-a",
-            &[("x-mock-chunks", "3")],
+            &[("x-mock-chunks", "3"), ("cache-control", "no-cache")],
             &chat(None),
         );
     }

@@ -511,3 +511,35 @@ proptest::proptest! {
         run(&mut host, &c, &ex);
     }
 }
+
+#[test]
+fn the_meter_counts_a_hit_as_saved_tokens_that_cost_nothing_upstream() {
+    use crate::meter::{Meter, MeterStage};
+    let meter = Rc::new(
+        Meter::from_json(br#"{"prices": {"gpt-4o": {"input": 2.5, "output": 10.0}}}"#).unwrap(),
+    );
+    let ex = ask("a", &body(""));
+    for (outcome, upstream_tokens, cost) in
+        [("miss", 2, 0.000025), ("hit", 0, 0.0), ("stale", 0, 0.0)]
+    {
+        let mut host = Host {
+            next_state: crate::boundary::FakeFilterState::default().with(facts::CACHE, outcome),
+            ..Host::default()
+        };
+        let mut stage = MeterStage::new(Rc::clone(&meter));
+        let out = host.run(&mut stage, &ex, &mut no_service);
+        let line: Value = serde_json::from_str(out.state.text(facts::ACCESS_LOG).unwrap()).unwrap();
+        assert_eq!(line["cache"], outcome);
+        assert_eq!(
+            line["input_tokens"], 2,
+            "{outcome}: the line shows what was asked"
+        );
+        assert_eq!(line["cost_usd"], cost, "{outcome}");
+        let usage = facts::usage(&out.state).unwrap();
+        assert_eq!(usage.input_tokens, Some(upstream_tokens), "{outcome}");
+        let counted = host
+            .metrics
+            .counter("aigw_tokens_total;model=gpt-4o;consumer=a;token_type=input");
+        assert_eq!(counted, upstream_tokens, "{outcome}");
+    }
+}
