@@ -65,15 +65,17 @@ if ! command -v docker-compose >/dev/null; then
   fi
 fi
 
-# redis-server backs the rate limit service of the global rate-limit tests
-# (the tests start it on a loopback port of their own).
-if ! command -v redis-server >/dev/null; then
+# redis-server backs the rate limit service of the global rate-limit tests,
+# and behind webdis it is the prompt cache's shared tier; their tests start
+# them on loopback ports of their own (the packages' services are not used).
+# Debian's archive keeps one version of each, so they are not pinned.
+if ! command -v redis-server >/dev/null || ! command -v webdis >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    say "installing redis-server (for the global rate-limit tests)"
+    say "installing redis-server and webdis (rate limit service, prompt cache tier)"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server webdis >/dev/null
   else
-    die "redis-server not found and cannot apt-get it"
+    die "redis-server and webdis not found and cannot apt-get them"
   fi
 fi
 

@@ -390,16 +390,76 @@ impl Stage for Chain {
     }
 }
 
-/// The bundle's configuration: each stage's configuration under its name,
-/// parsed by that stage's own code; a stage left out is off.
-pub struct Bundle {
-    meter: Option<Rc<crate::meter::Meter>>,
-    screen: Option<Rc<crate::screen::Screen>>,
-    rate_limit: Option<Rc<crate::ratelimit::RateLimit>>,
+/// The stages the bundle runs, in chain order: the field, the configuration
+/// key (the filter's name with `_`), the filter type. One line per stage;
+/// the macro writes the rest (configuration, stages, timer, start).
+macro_rules! bundle {
+    ($($field:ident: $key:literal => $filter:ty),* $(,)?) => {
+        /// The bundle's configuration: each stage's configuration under its
+        /// name, parsed by that stage's own code; a stage left out is off.
+        pub struct Bundle {
+            $($field: Option<Rc<$filter>>,)*
+        }
+
+        /// The stages the bundle knows, in chain order, by their configuration key.
+        pub const STAGES: &[&str] = &[$($key),*];
+
+        impl Filter for Bundle {
+            type Stage = Chain;
+            const NAME: &'static str = "gateway";
+
+            fn from_config(bytes: &[u8]) -> Result<Self, ConfigError> {
+                let doc: serde_json::Map<String, serde_json::Value> = config::parse(bytes)?;
+                if let Some(unknown) = doc.keys().find(|k| !STAGES.contains(&k.as_str())) {
+                    return Err(ConfigError::new(
+                        unknown.as_str(),
+                        format!("unknown stage; expected one of {}", STAGES.join(", ")),
+                    ));
+                }
+                Ok(Bundle {
+                    $($field: compile::<$filter>($key, &doc)?,)*
+                })
+            }
+
+            fn stage(bundle: &Rc<Self>) -> Chain {
+                let mut stages: Vec<Box<dyn Stage>> = Vec::new();
+                $(if let Some(f) = &bundle.$field {
+                    stages.push(Box::new(<$filter>::stage(f)));
+                })*
+                Chain::new(stages)
+            }
+
+            /// The shortest period any stage asks for; each stage's tick
+            /// keeps its own pace (rate-limit sweeps once a minute whatever
+            /// it is called at; the meter flushes its counters each time).
+            fn tick_ms(&self) -> Option<u64> {
+                [$(self.$field.as_ref().and_then(|f| f.tick_ms())),*]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            }
+
+            fn tick(&self, env: &mut RootEnv<'_>) {
+                $(if let Some(f) = &self.$field {
+                    f.tick(env);
+                })*
+            }
+
+            fn start(&self, env: &mut RootEnv<'_>) {
+                $(if let Some(f) = &self.$field {
+                    f.start(env);
+                })*
+            }
+        }
+    };
 }
 
-/// The stages the bundle knows, in chain order, by their configuration key.
-pub const STAGES: &[&str] = &["token_meter", "content_screen", "rate_limit"];
+bundle! {
+    meter: "token_meter" => crate::meter::Meter,
+    screen: "content_screen" => crate::screen::Screen,
+    rate_limit: "rate_limit" => crate::ratelimit::RateLimit,
+    cache: "prompt_cache" => crate::cache::Cache,
+}
 
 fn compile<F: Filter>(
     key: &str,
@@ -418,63 +478,6 @@ fn compile<F: Filter>(
         ConfigError::new(field, e.reason)
     })?;
     Ok(Some(Rc::new(filter)))
-}
-
-impl Filter for Bundle {
-    type Stage = Chain;
-    const NAME: &'static str = "gateway";
-
-    fn from_config(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let doc: serde_json::Map<String, serde_json::Value> = config::parse(bytes)?;
-        if let Some(unknown) = doc.keys().find(|k| !STAGES.contains(&k.as_str())) {
-            return Err(ConfigError::new(
-                unknown.as_str(),
-                format!("unknown stage; expected one of {}", STAGES.join(", ")),
-            ));
-        }
-        Ok(Bundle {
-            meter: compile::<crate::meter::Meter>("token_meter", &doc)?,
-            screen: compile::<crate::screen::Screen>("content_screen", &doc)?,
-            rate_limit: compile::<crate::ratelimit::RateLimit>("rate_limit", &doc)?,
-        })
-    }
-
-    fn stage(bundle: &Rc<Self>) -> Chain {
-        let mut stages: Vec<Box<dyn Stage>> = Vec::new();
-        if let Some(m) = &bundle.meter {
-            stages.push(Box::new(crate::meter::Meter::stage(m)));
-        }
-        if let Some(s) = &bundle.screen {
-            stages.push(Box::new(crate::screen::Screen::stage(s)));
-        }
-        if let Some(r) = &bundle.rate_limit {
-            stages.push(Box::new(crate::ratelimit::RateLimit::stage(r)));
-        }
-        Chain::new(stages)
-    }
-
-    /// The shortest period any stage asks for; each stage's tick keeps its
-    /// own pace (rate-limit sweeps once a minute whatever it is called at).
-    fn tick_ms(&self) -> Option<u64> {
-        let meter = self.meter.as_ref().and_then(|m| m.tick_ms());
-        let rate_limit = self.rate_limit.as_ref().and_then(|r| r.tick_ms());
-        meter.into_iter().chain(rate_limit).min()
-    }
-
-    fn tick(&self, env: &mut RootEnv<'_>) {
-        if let Some(m) = &self.meter {
-            m.tick(env);
-        }
-        if let Some(r) = &self.rate_limit {
-            r.tick(env);
-        }
-    }
-
-    fn start(&self, env: &mut RootEnv<'_>) {
-        if let Some(r) = &self.rate_limit {
-            r.start(env);
-        }
-    }
 }
 
 #[cfg(test)]

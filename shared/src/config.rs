@@ -84,6 +84,27 @@ pub fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
     }
 }
 
+/// A configured number, or its default, if it lies within `range`.
+pub fn within<T>(
+    field: &str,
+    value: Option<T>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + fmt::Display + Copy,
+{
+    let v = value.unwrap_or(default);
+    if range.contains(&v) {
+        Ok(v)
+    } else {
+        Err(ConfigError::new(
+            field,
+            format!("{v} is outside {}..={}", range.start(), range.end()),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +147,17 @@ mod tests {
     fn empty_document_is_defaults() {
         let doc: Doc = parse(b"  ").unwrap();
         assert_eq!(doc.inner.limit, 0);
+    }
+
+    #[test]
+    fn numbers_must_be_within_their_range() {
+        assert_eq!(within("n", None, 5, 1..=10), Ok(5));
+        assert_eq!(within("n", Some(10), 5, 1..=10), Ok(10));
+        let e = within("n", Some(0u64), 5, 1..=10).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.reason.as_str()),
+            ("n", "0 is outside 1..=10")
+        );
     }
 
     #[test]

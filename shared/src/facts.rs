@@ -17,7 +17,7 @@
 //! | `aigw.provider` | UTF-8 | model-router, else token-meter |
 //! | `aigw.route` | UTF-8 | model-router |
 //! | `aigw.usage` | JSON [`Usage`] | token-meter |
-//! | `aigw.cache` | `hit` `miss` `bypass` `off` | prompt-cache |
+//! | `aigw.cache` | `hit` `miss` `bypass` `stale` `off` | prompt-cache |
 //! | `aigw.ratelimit` | `allow` `deny` `shadow_deny` `off` | rate-limit |
 //! | `aigw.screen` | `pass` `redact` `block` `off` | content-screen |
 //! | `aigw.access_log` | one JSON line | token-meter, in its log phase |
@@ -39,7 +39,7 @@ pub const SCREEN: &str = "aigw.screen";
 pub const ACCESS_LOG: &str = "aigw.access_log";
 
 /// Outcome values each filter may publish; anything else read back is ignored.
-pub const CACHE_OUTCOMES: &[&str] = &["hit", "miss", "bypass", "off"];
+pub const CACHE_OUTCOMES: &[&str] = &["hit", "miss", "bypass", "stale", "off"];
 pub const RATELIMIT_OUTCOMES: &[&str] = &["allow", "deny", "shadow_deny", "off"];
 pub const SCREEN_OUTCOMES: &[&str] = &["pass", "redact", "block", "off"];
 

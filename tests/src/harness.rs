@@ -461,6 +461,29 @@ pub fn bare(gateway_yaml: &str) -> Result<String, String> {
     ))
 }
 
+/// A gateway YAML without the named wasm filters (`content-screen`, ...): for
+/// tests of one filter that other filters' answers would get in the way of
+/// (a screen that refuses a body that is not JSON, a rate limit of 60 a
+/// minute).
+pub fn without(gateway_yaml: &str, names: &[&str]) -> String {
+    let mut out = String::with_capacity(gateway_yaml.len());
+    let mut skipping = false;
+    for line in gateway_yaml.split_inclusive('\n') {
+        if let Some(rest) = line.strip_prefix("          - name: ") {
+            let under = rest.trim();
+            skipping = names
+                .iter()
+                .any(|n| under == format!("aigw.{}", n.replace('-', "_")));
+        } else if skipping && !line.starts_with("            ") {
+            skipping = false;
+        }
+        if !skipping {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
 /// Bare Envoy (from `envoy/gateway.yaml`) with the benchmark fixture
 /// `floor.wasm` as its one filter, in the given step (`idle`, `headers`,
 /// `body`, `log`).

@@ -70,7 +70,12 @@ fn check_filter_config(plugin: &str, json: &str, origin: &str) {
                 );
             }
         }
-        "prompt-cache" | "model-router" => {
+        "prompt-cache" => {
+            if let Err(e) = aigw_shared::cache::Cache::from_json(json.as_bytes()) {
+                panic!("{origin}: prompt-cache rejects its configuration: {e}\n{json}");
+            }
+        }
+        "model-router" => {
             if let Err(e) =
                 aigw_shared::config::parse::<aigw_shared::config::Empty>(json.as_bytes())
             {

@@ -637,17 +637,24 @@ fn compressed_answers_are_read_within_bounds() {
 fn metrics_by_model_and_consumer() {
     let gw = gateway();
     for _ in 0..2 {
+        // no-cache: both reach the upstream (a cache hit counts no tokens).
         gw.post(
             "/v1/chat/completions",
             "metrics-a",
-            &[("x-mock-chunks", "3")],
+            &[("x-mock-chunks", "3"), ("cache-control", "no-cache")],
             &chat(None),
         );
     }
     gw.post(
         "/v1/chat/completions",
         "metrics-a",
-        &[("x-mock-chunks", "3"), ("x-mock-ttft-ms", "30")],
+        // The prompt cache in gateway.yaml would answer this from the entry
+        // the first request left (stream or not, one entry); ask upstream.
+        &[
+            ("x-mock-chunks", "3"),
+            ("x-mock-ttft-ms", "30"),
+            ("cache-control", "no-cache"),
+        ],
         &chat(Some(Value::Null)),
     );
     gw.post("/v1/messages", "metrics-b", &[("x-mock-chunks", "2"), ("x-mock-cache-creation-tokens", "1")], &json!({"model": "claude-sonnet-4-5", "max_tokens": 9, "messages": [{"role": "user", "content": PROMPT}]}).to_string());

@@ -1,4 +1,5 @@
-//! prompt-cache: not built yet. It loads, accepts only an empty configuration, and
-//! passes every request through untouched; its own issue fills it in.
+//! prompt-cache: answers repeated prompts from a tenant-scoped cache.
+//!
+//! This crate is the shell; all logic is in `aigw_shared::cache`.
 
-aigw_shared::passthrough_plugin!("prompt-cache");
+aigw_shared::plugin!(aigw_shared::cache::Cache);

@@ -362,10 +362,29 @@ impl MeterStage {
         self.finish_json();
         let usage = self.usage(env, status);
         if self.api.is_some() {
-            facts::put_usage(env.state, &usage);
+            // An answer from the prompt cache cost no upstream tokens: the
+            // fact (what a rate limiter settles to) counts none.
+            let upstream = if self.from_cache(env) {
+                none_used(&usage)
+            } else {
+                usage
+            };
+            facts::put_usage(env.state, &upstream);
             self.published = Some(usage);
         }
         usage
+    }
+
+    /// The prompt cache answered this request (a hit, or a stale answer).
+    fn from_cache(&self, env: &Env<'_>) -> bool {
+        matches!(
+            self.fact(
+                Writer::Cache,
+                |s| facts::outcome(s, facts::CACHE, facts::CACHE_OUTCOMES),
+                env
+            ),
+            Some("hit" | "stale")
+        )
     }
 
     fn usage(&self, env: &Env<'_>, status: Option<u16>) -> Usage {
@@ -620,6 +639,10 @@ impl MeterStage {
         let routed_model = by_router(facts::MODEL);
         let routed_provider = by_router(facts::PROVIDER);
         let usage = self.publish_usage(env, status);
+        // A cached answer's line shows the tokens it saved (its replayed
+        // usage), while the token metrics and the cost count none.
+        let from_cache = self.from_cache(env);
+        let upstream = if from_cache { none_used(&usage) } else { usage };
         let meter = Rc::clone(&self.meter);
 
         let model_requested = self
@@ -636,11 +659,11 @@ impl MeterStage {
         let provider = routed_provider
             .or_else(|| meter.provider.clone())
             .or_else(|| self.api.as_ref().map(|a| a.family.name().to_string()));
-        let cost = match usage.source {
+        let cost = match upstream.source {
             UsageSource::None => None,
             _ => meter
                 .prices
-                .cost(&[model.as_deref(), model_requested.as_deref()], &usage),
+                .cost(&[model.as_deref(), model_requested.as_deref()], &upstream),
         };
         let ttft_ms = match (self.start_ms, self.first_byte_ms) {
             (Some(s), Some(f)) => Some(f.saturating_sub(s)),
@@ -652,14 +675,17 @@ impl MeterStage {
         let stream = self.request.as_ref().map(|r| r.stream);
 
         if self.api.is_some() {
+            // The server-time histograms describe the upstream; a cached
+            // answer's instant replay would only skew them.
+            let upstream_stream = stream == Some(true) && !from_cache;
             let timing = Timing {
-                ttft_ms: ttft_ms.filter(|_| stream == Some(true)),
+                ttft_ms: ttft_ms.filter(|_| upstream_stream),
                 per_output_token_ms: per_output_token(
                     self.first_byte_ms,
                     self.last_byte_ms,
                     &usage,
                 )
-                .filter(|_| stream == Some(true)),
+                .filter(|_| upstream_stream),
                 duration_ms,
             };
             if let Ok(mut registry) = meter.registry.try_borrow_mut() {
@@ -668,7 +694,7 @@ impl MeterStage {
                     env,
                     model.as_deref(),
                     self.consumer.as_deref(),
-                    &usage,
+                    &if from_cache { uncounted(&usage) } else { usage },
                     cost,
                     &timing,
                 );
@@ -753,6 +779,32 @@ pub mod metric {
     pub const TTFT: &str = "gen_ai.server.time_to_first_token_ms";
     pub const PER_OUTPUT_TOKEN: &str = "gen_ai.server.time_per_output_token_ms";
     pub const DURATION: &str = "gen_ai.server.request.duration_ms";
+}
+
+/// The same fields, each zero where it was known: what an answer served
+/// from the cache cost upstream.
+fn none_used(u: &Usage) -> Usage {
+    let zero = |v: Option<u64>| v.map(|_| 0);
+    Usage {
+        input_tokens: zero(u.input_tokens),
+        output_tokens: zero(u.output_tokens),
+        cached_input_tokens: zero(u.cached_input_tokens),
+        cache_write_input_tokens: zero(u.cache_write_input_tokens),
+        reasoning_tokens: zero(u.reasoning_tokens),
+        source: u.source,
+    }
+}
+
+/// No token counts at all (the request still counts, with its usage source).
+fn uncounted(u: &Usage) -> Usage {
+    Usage {
+        input_tokens: None,
+        output_tokens: None,
+        cached_input_tokens: None,
+        cache_write_input_tokens: None,
+        reasoning_tokens: None,
+        source: u.source,
+    }
 }
 
 fn record_metrics(
