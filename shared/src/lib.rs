@@ -20,3 +20,4 @@ pub mod wire; // api, request, sse, json_scan, decode, usage
 
 // One folder per stage.
 pub mod meter; // token-meter: usage, prices, metrics, the access-log line
+pub mod router; // model-router: rules, aliases, complexity tiers, splits; the rewrites
