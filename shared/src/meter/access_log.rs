@@ -19,6 +19,9 @@ pub struct Line {
     pub model_requested: Option<String>,
     pub model: Option<String>,
     pub route: Option<String>,
+    /// The complexity tier and score model-router gave an `auto` request.
+    pub route_tier: Option<String>,
+    pub route_score: Option<u32>,
     pub status: Option<u16>,
     pub stream: Option<bool>,
     pub input_tokens: Option<u64>,
@@ -62,6 +65,8 @@ mod tests {
             "model_requested",
             "model",
             "route",
+            "route_tier",
+            "route_score",
             "status",
             "stream",
             "input_tokens",

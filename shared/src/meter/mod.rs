@@ -511,10 +511,10 @@ impl MeterStage {
             .as_ref()
             .and_then(|r| r.model.clone())
             .or_else(|| self.api.as_ref().and_then(|a| a.deployment.clone()));
-        let model = self
-            .seen
-            .model
-            .clone()
+        // model-router may have put the client's name back in the answer:
+        // the model that served is the one it replaced.
+        let model = facts::text(env.state, facts::MODEL_RESPONSE)
+            .or_else(|| self.seen.model.clone())
             .or_else(|| facts::text(env.state, facts::MODEL))
             .or_else(|| model_requested.clone());
         let provider = facts::text(env.state, facts::PROVIDER)
@@ -569,6 +569,9 @@ impl MeterStage {
                 model_requested,
                 model,
                 route: facts::text(env.state, facts::ROUTE).or_else(|| input.route_name.clone()),
+                route_tier: facts::text(env.state, facts::ROUTE_TIER),
+                route_score: facts::text(env.state, facts::ROUTE_SCORE)
+                    .and_then(|s| s.parse().ok()),
                 status,
                 stream,
                 input_tokens: usage.input_tokens,

@@ -641,6 +641,9 @@ fn facts_from_other_filters_win() {
         .with(facts::CONSUMER, "team-a")
         .with(facts::PROVIDER, "vllm")
         .with(facts::ROUTE, "fast-tier")
+        .with(facts::ROUTE_TIER, "small")
+        .with(facts::ROUTE_SCORE, "12")
+        .with(facts::MODEL_RESPONSE, "gpt-4o-mini-2024-07-18")
         .with(facts::CACHE, "miss")
         .with(facts::RATELIMIT, "allow")
         .with(facts::SCREEN, "pass");
@@ -657,6 +660,10 @@ fn facts_from_other_filters_win() {
     assert_eq!(line["consumer"], "team-a");
     assert_eq!(line["provider"], "vllm");
     assert_eq!(line["route"], "fast-tier");
+    assert_eq!(line["route_tier"], "small");
+    assert_eq!(line["route_score"], 12);
+    // The router mapped the answer's model back to the alias: the log shows what served.
+    assert_eq!(line["model"], "gpt-4o-mini-2024-07-18");
     assert_eq!(line["cache"], "miss");
     assert_eq!(line["ratelimit"], "allow");
     assert_eq!(line["screen"], "pass");

@@ -43,6 +43,12 @@ pub struct RouterConfig {
     pub map_response_model: Option<bool>,
     /// Largest request body read (default 8 MiB).
     pub max_request_body_bytes: Option<usize>,
+    /// Hold request headers while the body is read (default true; needs
+    /// Envoy's `allow_on_headers_stop_iteration`). False routes on the
+    /// request headers alone (model from an Azure path or `model_header`,
+    /// no body rewrite): for hosts that cannot hold them, such as Istio's
+    /// WasmPlugin.
+    pub hold_request_headers: Option<bool>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -342,6 +348,7 @@ pub struct Compiled {
     pub over_max_tokens: OverMax,
     pub map_response_model: bool,
     pub max_request_body_bytes: usize,
+    pub hold_request_headers: bool,
 }
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -695,5 +702,6 @@ pub fn compile(c: RouterConfig) -> Result<Compiled, ConfigError> {
         over_max_tokens: c.over_max_tokens.unwrap_or_default(),
         map_response_model: c.map_response_model.unwrap_or(false),
         max_request_body_bytes,
+        hold_request_headers: c.hold_request_headers.unwrap_or(true),
     })
 }

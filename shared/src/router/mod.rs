@@ -82,6 +82,8 @@ pub struct Request<'a> {
     pub prompt_tokens: Option<u64>,
     pub stream: Option<bool>,
     pub shape: Option<&'a Shape>,
+    /// The body was read as JSON: a model it lacks is missing, not unknown.
+    pub body_read: bool,
 }
 
 /// Where a request goes.
@@ -268,7 +270,13 @@ impl Router {
             }
         }
         let Some(model) = r.model else {
-            return match self.c.missing_model_target {
+            // Routed on headers alone, the model may well be in the body:
+            // the default target takes it then.
+            let fallback = match r.body_read {
+                true => self.c.missing_model_target,
+                false => self.c.missing_model_target.or(self.c.default_target),
+            };
+            return match fallback {
                 Some(t) => Ok(self.decision(t, "missing_model".into(), None)),
                 None => Err(Reply::error(
                     400,
@@ -509,6 +517,52 @@ impl RouterStage {
         Read { facts, shape }
     }
 
+    /// Reads the body for routing, or the reply that refuses it.
+    fn read_whole(
+        &self,
+        env: &mut Env<'_>,
+        body: &mut RequestBody,
+        hint: Option<&str>,
+    ) -> Result<Read, Step> {
+        let none = Read {
+            facts: None,
+            shape: None,
+        };
+        if body.is_truncated() {
+            if self.router.c.non_json == NonJson::Reject {
+                return Err(self.reject(
+                    env,
+                    Reply::error(
+                        413,
+                        "invalid_request_error",
+                        "request_too_large",
+                        &format!(
+                            "the request body is larger than the {} bytes the router reads",
+                            self.router.c.max_request_body_bytes
+                        ),
+                    ),
+                ));
+            }
+            return Ok(none);
+        }
+        if body.bytes().is_empty() {
+            return Ok(none);
+        }
+        let read = self.read_body(env, body, hint);
+        if read.facts.is_none() && self.router.c.non_json == NonJson::Reject {
+            return Err(self.reject(
+                env,
+                Reply::error(
+                    400,
+                    "invalid_request_error",
+                    "invalid_json",
+                    "the request body is not a JSON object",
+                ),
+            ));
+        }
+        Ok(read)
+    }
+
     fn publish(&self, env: &mut Env<'_>, asked: Option<&str>, target: &Target, d: &Decision) {
         let state = &mut *env.state;
         if let Some(m) = asked {
@@ -536,7 +590,13 @@ impl RouterStage {
         }
     }
 
-    fn route(&mut self, env: &mut Env<'_>, body: &mut RequestBody, headers: &mut Headers) -> Step {
+    /// Routes the request; `body` is `None` when it is not read at all.
+    fn route(
+        &mut self,
+        env: &mut Env<'_>,
+        mut body: Option<&mut RequestBody>,
+        headers: &mut Headers,
+    ) -> Step {
         let Some(api) = self.api.clone() else {
             return Step::Continue;
         };
@@ -550,44 +610,16 @@ impl RouterStage {
             .filter(|m| !m.is_empty())
             .map(str::to_string);
         let hint = api.deployment.clone().or(header_model);
-        let read = if body.is_truncated() {
-            if router.c.non_json == NonJson::Reject {
-                return self.reject(
-                    env,
-                    Reply::error(
-                        413,
-                        "invalid_request_error",
-                        "request_too_large",
-                        &format!(
-                            "the request body is larger than the {} bytes the router reads",
-                            router.c.max_request_body_bytes
-                        ),
-                    ),
-                );
-            }
-            Read {
-                facts: None,
-                shape: None,
-            }
-        } else if body.bytes().is_empty() {
-            Read {
-                facts: None,
-                shape: None,
-            }
-        } else {
-            let read = self.read_body(env, body, hint.as_deref());
-            if read.facts.is_none() && router.c.non_json == NonJson::Reject {
-                return self.reject(
-                    env,
-                    Reply::error(
-                        400,
-                        "invalid_request_error",
-                        "invalid_json",
-                        "the request body is not a JSON object",
-                    ),
-                );
-            }
-            read
+        let no_read = Read {
+            facts: None,
+            shape: None,
+        };
+        let read = match body.as_deref_mut() {
+            None => no_read,
+            Some(body) => match self.read_whole(env, body, hint.as_deref()) {
+                Ok(read) => read,
+                Err(step) => return step,
+            },
         };
         let asked: Option<String> = read.facts.as_ref().and_then(|f| f.model.clone()).or(hint);
         let consumer = facts::text(env.state, facts::CONSUMER).or_else(|| {
@@ -611,6 +643,7 @@ impl RouterStage {
             prompt_tokens: read.facts.as_ref().map(|f| estimate_tokens(f.text_bytes)),
             stream: read.facts.as_ref().map(|f| f.stream),
             shape: read.shape.as_ref(),
+            body_read: read.facts.is_some(),
         };
         let decision = match router.decide(&request) {
             Ok(d) => d,
@@ -624,8 +657,15 @@ impl RouterStage {
             Ok(p) => p,
             Err(reply) => return self.reject(env, reply),
         };
-        match self.edit_body(body.bytes(), &read, target, upstream, api.operation) {
+        let edited = match body.as_deref() {
+            Some(b) => self.edit_body(b.bytes(), &read, target, upstream, api.operation),
+            None => Ok(None),
+        };
+        match edited {
             Ok(Some(new)) => {
+                let Some(body) = body else {
+                    return Step::Continue;
+                };
                 // Content-Length is fixed by the shell: the headers are held.
                 let facts = read.facts.clone();
                 body.replace(new);
@@ -665,6 +705,24 @@ impl RouterStage {
         Step::Continue
     }
 
+    fn route_and_guard(
+        &mut self,
+        env: &mut Env<'_>,
+        body: Option<&mut RequestBody>,
+        headers: &mut Headers,
+    ) -> Step {
+        let step = self.route(env, body, headers);
+        if step == Step::Continue {
+            // Routed or not, the target header is the router's alone.
+            let h = self.router.c.target_header.clone();
+            let ours = env.state.get(facts::ROUTE).is_some();
+            if !ours && headers.get(&h).is_some() {
+                headers.remove(&h);
+            }
+        }
+        step
+    }
+
     /// Puts the client's model name back in a piece of the response.
     fn map(&mut self, env: &mut Env<'_>, raw: &[u8]) -> Option<Vec<u8>> {
         let to = self.map_back.as_deref()?;
@@ -680,7 +738,7 @@ impl RouterStage {
 }
 
 impl Stage for RouterStage {
-    fn request_headers(&mut self, _env: &mut Env<'_>, headers: &mut Headers, _eos: bool) -> Step {
+    fn request_headers(&mut self, env: &mut Env<'_>, headers: &mut Headers, _eos: bool) -> Step {
         self.api = api::classify(
             headers.get(":method").unwrap_or(""),
             headers.get(":path").unwrap_or(""),
@@ -693,6 +751,9 @@ impl Stage for RouterStage {
             }
             return Step::Continue;
         }
+        if !self.router.c.hold_request_headers {
+            return self.route_and_guard(env, None, headers);
+        }
         // The target is known only once the body is read, and the headers
         // must still change then.
         Step::ReadBody { hold_headers: true }
@@ -704,15 +765,7 @@ impl Stage for RouterStage {
         body: &mut RequestBody,
         headers: &mut Headers,
     ) -> Step {
-        let step = self.route(env, body, headers);
-        if step == Step::Continue && self.api.is_some() {
-            let h = self.router.c.target_header.clone();
-            let ours = env.state.get(facts::ROUTE).is_some();
-            if !ours && headers.get(&h).is_some() {
-                headers.remove(&h);
-            }
-        }
-        step
+        self.route_and_guard(env, Some(body), headers)
     }
 
     fn response_headers(&mut self, _env: &mut Env<'_>, headers: &mut Headers, _eos: bool) -> Step {

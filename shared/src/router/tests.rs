@@ -500,3 +500,40 @@ fn callouts_are_never_made() {
         1
     );
 }
+
+#[test]
+fn without_held_headers_it_routes_on_headers_alone() {
+    let r = Rc::new(router(
+        r#"{"hold_request_headers":false,"model_header":"x-model",
+            "targets":{"small":{"model":"gpt-4o-mini"},"pass":{}},
+            "aliases":{"fast":"small"},"default_target":"pass"}"#,
+    ));
+    let cases: Vec<(Exchange, &str, Option<&str>)> = vec![
+        (
+            Exchange::post("/v1/chat/completions", &chat("fast", "hi")).header("x-model", "fast"),
+            "small",
+            Some("gpt-4o-mini"),
+        ),
+        (
+            Exchange::post(
+                "/openai/deployments/fast/chat/completions?api-version=1",
+                "{}",
+            ),
+            "small",
+            Some("gpt-4o-mini"),
+        ),
+        // The body is not read: its model goes on as asked, to the default.
+        (
+            Exchange::post("/v1/chat/completions", &chat("fast", "hi")),
+            "pass",
+            None,
+        ),
+    ];
+    for (ex, target, model) in cases {
+        let out = run(&r, &ex);
+        let up = out.upstream.as_ref().unwrap();
+        assert_eq!(up.headers.get("x-aigw-target"), Some(target), "{}", ex.path);
+        assert_eq!(up.body, ex.request_body, "the body is untouched");
+        assert_eq!(out.state.text(facts::MODEL), model, "{}", ex.path);
+    }
+}
