@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use aigw_shared::meter::Meter;
+use aigw_shared::router::Router;
 use aigw_tests::harness::{envoy_bin, root};
 use serde_norway::Value as Yaml;
 use std::path::{Path, PathBuf};
@@ -48,7 +49,12 @@ fn check_filter_config(plugin: &str, json: &str, origin: &str) {
                 panic!("{origin}: token-meter rejects its configuration: {e}\n{json}");
             }
         }
-        "rate-limit" | "prompt-cache" | "model-router" | "content-screen" => {
+        "model-router" => {
+            if let Err(e) = Router::from_json(json.as_bytes()) {
+                panic!("{origin}: model-router rejects its configuration: {e}\n{json}");
+            }
+        }
+        "rate-limit" | "prompt-cache" | "content-screen" => {
             if let Err(e) =
                 aigw_shared::config::parse::<aigw_shared::config::Empty>(json.as_bytes())
             {
