@@ -163,7 +163,7 @@ fn gateway_yaml_chains_the_filters_that_do_something() {
     let mut configs = Vec::new();
     wasm_configs(&doc, &mut configs);
     let names: Vec<&str> = configs.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["token-meter"]);
+    assert_eq!(names, ["token-meter", "model-router"]);
 }
 
 #[test]

@@ -450,3 +450,63 @@ fn envoy_refuses_a_bad_router_configuration() {
         "{err}"
     );
 }
+
+#[test]
+fn the_gateway_demo_policy_aliases_auto_and_passes_the_rest() {
+    let mock = MockLlm::start().unwrap();
+    let envoy = Envoy::start("envoy/gateway.yaml", mock.addr()).unwrap_or_else(|e| panic!("{e}"));
+    let long = format!(
+        "Analyze step by step and compare the trade-offs, then explain why. {}",
+        "More context about the system. ".repeat(300)
+    );
+    // (consumer, model asked, text, model served, route, tier)
+    let cases: &[(&str, &str, &str, &str, &str, Option<&str>)] = &[
+        ("demo-fast", "fast", "hi", "gpt-4o-mini", "small", None),
+        ("demo-smart", "smart", "hi", "gpt-4o", "large", None),
+        (
+            "demo-auto-short",
+            "auto",
+            "What time is it in Paris?",
+            "gpt-4o-mini",
+            "small",
+            Some("small"),
+        ),
+        (
+            "demo-auto-long",
+            "auto",
+            &long,
+            "gpt-4o",
+            "large",
+            Some("large"),
+        ),
+        (
+            "demo-other",
+            "claude-sonnet-4-5",
+            "hi",
+            "claude-sonnet-4-5",
+            "passthrough",
+            None,
+        ),
+    ];
+    for (consumer, asked, text, served, route, tier) in cases {
+        let headers = [
+            ("x-aigw-consumer", *consumer),
+            ("content-type", "application/json"),
+        ];
+        let r = client::post(
+            envoy.addr(),
+            "/v1/chat/completions",
+            &headers,
+            &chat(asked, text).to_string(),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{consumer}: {}", r.text());
+        let sent: Value = serde_json::from_slice(&mock.last_request().unwrap().body).unwrap();
+        assert_eq!(sent["model"], *served, "{consumer}");
+        let line = envoy.log_line(consumer).unwrap();
+        assert_eq!(line["model_requested"], *asked, "{line}");
+        assert_eq!(line["model"], *served, "{line}");
+        assert_eq!(line["route"], *route, "{line}");
+        assert_eq!(line["route_tier"], json!(tier), "{line}");
+    }
+}

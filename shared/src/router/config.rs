@@ -250,7 +250,11 @@ fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error>
 pub struct Target {
     pub name: String,
     pub cluster: String,
+    /// How the target is spoken to (openai-compatible unless configured).
     pub provider: ProviderKind,
+    /// Published as the `provider` fact only when configured; otherwise the
+    /// meter names the provider from the API the request speaks.
+    pub provider_named: bool,
     pub model: Option<String>,
     pub deployment: Option<String>,
     pub api_version: Option<String>,
@@ -441,6 +445,7 @@ fn target(name: &str, t: TargetConfig) -> Result<Target, ConfigError> {
         name: name.to_string(),
         cluster,
         provider,
+        provider_named: t.provider.is_some(),
         model: t.model,
         deployment: t.deployment,
         api_version: t.api_version,

@@ -573,7 +573,9 @@ impl RouterStage {
         if let Some(m) = d.upstream_model.as_deref().or(asked) {
             state.set(facts::MODEL, m.as_bytes());
         }
-        state.set(facts::PROVIDER, target.provider.name().as_bytes());
+        if target.provider_named {
+            state.set(facts::PROVIDER, target.provider.name().as_bytes());
+        }
         state.set(facts::ROUTE, target.name.as_bytes());
         if let Some(t) = &d.tier {
             state.set(facts::ROUTE_TIER, t.as_bytes());

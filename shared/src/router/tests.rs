@@ -142,6 +142,13 @@ fn rewrites_for_azure_and_injects_the_targets_key() {
     assert_eq!(sent_json(&out)["model"], "gpt-4o-mini");
     assert_eq!(out.state.text(facts::MODEL_REQUESTED), Some("fast"));
 
+    // A target that names no provider leaves the meter to name it from the API.
+    let out = run(
+        &r,
+        &Exchange::post("/v1/chat/completions", &chat("smart", "hi")),
+    );
+    assert_eq!(out.state.text(facts::PROVIDER), None);
+
     // A target without a key leaves the client's alone.
     let ex = Exchange::post("/v1/chat/completions", &chat("smart", "hi"))
         .header("authorization", "Bearer client-key");
