@@ -7,7 +7,12 @@
 //! backend is a tiny server here that answers every request with one status.
 
 // Test code: a failed expectation is a panic with a message.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::type_complexity
+)]
 
 use aigw_tests::client::{self, Response};
 use aigw_tests::harness::{root, Envoy};

@@ -480,6 +480,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 #[cfg(test)]
+#[allow(clippy::type_complexity)] // tables of cases read best inline
 mod tests {
     use super::*;
 

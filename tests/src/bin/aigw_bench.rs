@@ -1,7 +1,7 @@
 //! `aigw-bench`: what the filters cost, against bare Envoy.
 //!
-//! For each variant (bare Envoy, the gateway as shipped, all five modules
-//! chained) and each request shape (a ~1 KiB chat request answered as JSON,
+//! For each variant (bare Envoy, each filter gateway.yaml chains alone, the
+//! gateway as shipped, all five modules chained) and each request shape (a ~1 KiB chat request answered as JSON,
 //! the same asked as a stream), it starts Envoy with one worker in front of the
 //! mock LLM, keeps `--connections` keep-alive connections busy for
 //! `--seconds`, and reports requests per second, latency percentiles and
@@ -59,7 +59,29 @@ fn bare(yaml: &str) -> Result<String, String> {
     Ok(format!("{}{}", &yaml[..start], &yaml[end..]))
 }
 
-/// gateway.yaml with the four other modules (pass-through shells today) chained above the meter.
+/// One wasm filter of gateway.yaml alone (its block, as shipped) in front of the router.
+fn alone(yaml: &str, filter: &str) -> Result<String, String> {
+    let head = format!("          - name: {filter}\n");
+    let start = yaml
+        .find(&head)
+        .ok_or_else(|| format!("no {filter} filter in gateway.yaml"))?;
+    let after = start + head.len();
+    let end = after
+        + yaml[after..]
+            .find("          - name: ")
+            .ok_or("no filter after it in gateway.yaml")?;
+    let without = bare(yaml)?;
+    let at = without.find(ROUTER).ok_or("no router in gateway.yaml")?;
+    Ok(format!(
+        "{}{}{}",
+        &without[..at],
+        &yaml[start..end],
+        &without[at..]
+    ))
+}
+
+/// gateway.yaml with the modules it does not chain yet (pass-through
+/// shells) added above the meter, so that all five run.
 fn all_five(yaml: &str) -> Result<String, String> {
     let start = yaml
         .find(FILTER_START)
@@ -71,6 +93,10 @@ fn all_five(yaml: &str) -> Result<String, String> {
         "prompt-cache",
         "model-router",
     ] {
+        let under = name.replace('-', "_");
+        if yaml.contains(&format!("          - name: aigw.{under}\n")) {
+            continue;
+        }
         extra.push_str(&format!(
             "          - name: aigw.{under}
             typed_config:
@@ -250,7 +276,9 @@ fn run() -> Result<(), String> {
         std::fs::read_to_string(root().join("envoy/gateway.yaml")).map_err(|e| e.to_string())?;
     let variants = [
         ("bare envoy", bare(&gateway)?),
-        ("token-meter", gateway.clone()),
+        ("token-meter", alone(&gateway, "aigw.token_meter")?),
+        ("model-router", alone(&gateway, "aigw.model_router")?),
+        ("gateway", gateway.clone()),
         ("5 modules", all_five(&gateway)?),
     ];
     let mock = MockLlm::start().map_err(|e| e.to_string())?;
