@@ -515,3 +515,48 @@ fn the_gateway_demo_policy_aliases_auto_and_passes_the_rest() {
         assert_eq!(line["route_tier"], json!(tier), "{line}");
     }
 }
+
+#[test]
+fn when_every_backend_fails_the_client_gets_an_openai_shaped_503() {
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let small = MockLlm::start().unwrap();
+    let clusters = [
+        ("small", small.addr()),
+        ("small_secondary", small.addr()),
+        ("large", dead),
+        ("azure", small.addr()),
+    ];
+    let envoy = Envoy::start_with_clusters(
+        &yaml(),
+        &format!("http://{}", small.addr()),
+        None,
+        &clusters,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let headers = [
+        ("x-aigw-consumer", "all-down"),
+        ("content-type", "application/json"),
+    ];
+    let r = client::post(
+        envoy.addr(),
+        "/v1/chat/completions",
+        &headers,
+        &chat("smart", "hi").to_string(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    let err = &r.json()["error"];
+    assert_eq!(err["type"], "gateway_error", "{}", r.text());
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{}",
+        r.text()
+    );
+    let line = envoy.log_line("all-down").unwrap();
+    assert_eq!(line["status"], 503, "{line}");
+    assert_eq!(line["route"], "large", "{line}");
+    assert!(small.requests().is_empty());
+}

@@ -352,6 +352,8 @@ pub struct RouterStage {
     map_back: Option<String>,
     response: Rewriting,
     model_response_seen: bool,
+    /// The router set the target header for this request.
+    routed: bool,
 }
 
 fn json_string(s: &str) -> String {
@@ -384,6 +386,7 @@ impl RouterStage {
             map_back: None,
             response: Rewriting::Nothing,
             model_response_seen: false,
+            routed: false,
         }
     }
 
@@ -682,6 +685,7 @@ impl RouterStage {
             Err(reply) => return self.reject(env, reply),
         }
         headers.set(&router.c.target_header, target.cluster.clone());
+        self.routed = true;
         if let Some(p) = path {
             headers.set(":path", p);
         }
@@ -717,8 +721,7 @@ impl RouterStage {
         if step == Step::Continue {
             // Routed or not, the target header is the router's alone.
             let h = self.router.c.target_header.clone();
-            let ours = env.state.get(facts::ROUTE).is_some();
-            if !ours && headers.get(&h).is_some() {
+            if !self.routed && headers.get(&h).is_some() {
                 headers.remove(&h);
             }
         }
