@@ -411,6 +411,9 @@ fn a_503_or_429_from_the_primary_is_retried_on_the_secondary_streamed_too() {
             "{text}"
         );
         assert!(!text.contains("failing backend"), "{text}");
+        // Every streamed event names the model the client asked for.
+        assert!(text.contains(r#""model":"fast""#), "{text}");
+        assert!(!text.contains("gpt-4o-mini"), "{text}");
         let line = b.line("retry-stream");
         assert_eq!(line["status"], 200, "{line}");
         assert_eq!(line["output_tokens"], 3, "{line}");

@@ -372,6 +372,23 @@ fn operation_path(op: Operation) -> &'static str {
     }
 }
 
+/// A value as one path segment: unreserved characters as they are, every
+/// other byte percent-encoded (so `/`, `?`, `#` and `..` tricks stay inside it).
+fn segment(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'~')
+            || (b == b'.' && v != "." && v != "..")
+        {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// What the body says, as far as routing goes.
 struct Read {
     facts: Option<RequestFacts>,
@@ -424,12 +441,16 @@ impl RouterStage {
                         ),
                     ));
                 }
-                let deployment = target
-                    .deployment
-                    .as_deref()
-                    .or(upstream)
-                    .or(api.deployment.as_deref())
-                    .unwrap_or_default();
+                // The deployment may come from the client's model name: it
+                // is one path segment, whatever it holds.
+                let deployment = segment(
+                    target
+                        .deployment
+                        .as_deref()
+                        .or(upstream)
+                        .or(api.deployment.as_deref())
+                        .unwrap_or_default(),
+                );
                 Ok(Some(format!(
                     "/openai/deployments/{deployment}/{op}?api-version={version}"
                 )))

@@ -549,3 +549,73 @@ fn without_held_headers_it_routes_on_headers_alone() {
         assert_eq!(out.state.text(facts::MODEL), model, "{}", ex.path);
     }
 }
+
+#[test]
+fn a_clients_model_name_stays_inside_its_path_segment() {
+    let r = Rc::new(router(
+        r#"{"targets":{"az":{"provider":"azure","api_version":"v1"}},"default_target":"az"}"#,
+    ));
+    let cases = [
+        (
+            "gpt-4o",
+            "/openai/deployments/gpt-4o/chat/completions?api-version=v1",
+        ),
+        (
+            "../../admin?x=1#",
+            "/openai/deployments/..%2F..%2Fadmin%3Fx%3D1%23/chat/completions?api-version=v1",
+        ),
+        (
+            "..",
+            "/openai/deployments/%2E%2E/chat/completions?api-version=v1",
+        ),
+        (
+            "a b",
+            "/openai/deployments/a%20b/chat/completions?api-version=v1",
+        ),
+    ];
+    for (model, path) in cases {
+        let out = run(
+            &r,
+            &Exchange::post("/v1/chat/completions", &chat(model, "hi")),
+        );
+        assert_eq!(
+            out.upstream.unwrap().headers.get(":path"),
+            Some(path),
+            "{model}"
+        );
+    }
+}
+
+#[test]
+fn bodies_past_the_limit_are_routed_by_headers_or_refused() {
+    let lenient = Rc::new(router(
+        r#"{"max_request_body_bytes":1024,"targets":{"a":{"model":"m"},"b":{}},"aliases":{"x":"a"},"default_target":"b"}"#,
+    ));
+    let strict = Rc::new(router(
+        r#"{"max_request_body_bytes":1024,"non_json":"reject","targets":{"a":{"model":"m"}},"aliases":{"x":"a"}}"#,
+    ));
+    let big = chat("x", &"word ".repeat(1000));
+    let out = run(&lenient, &Exchange::post("/v1/chat/completions", &big));
+    let up = out.upstream.unwrap();
+    assert_eq!(up.headers.get("x-aigw-target"), Some("b"));
+    assert_eq!(up.body, big.as_bytes(), "unread, unchanged");
+    let out = run(&strict, &Exchange::post("/v1/chat/completions", &big));
+    assert_eq!(out.client_status, 413);
+    assert!(out.client_text().contains("request_too_large"));
+}
+
+#[test]
+fn the_messages_api_has_no_azure_path() {
+    let r = Rc::new(router(CONFIG));
+    let body = json!({"model":"claude-x","max_tokens":5,"messages":[]}).to_string();
+    let out = run(
+        &r,
+        &Exchange::post("/v1/messages", &body).header("x-pin", "azure"),
+    );
+    assert_eq!(out.client_status, 400);
+    assert!(
+        out.client_text().contains("unsupported_api"),
+        "{}",
+        out.client_text()
+    );
+}
