@@ -244,6 +244,11 @@ fn aliases_reach_their_backend_with_the_model_rewritten_and_the_key_replaced() {
     assert_eq!(sent(&b.large).1["model"], "o3-mini");
     assert_eq!(b.line("alias-other")["route"], "passthrough");
 
+    let routed = b
+        .envoy
+        .metric("aigw_route_requests_total", &[("model", "gpt-4o-mini")]);
+    assert_eq!(routed, Some(1.0), "routed requests by upstream model");
+
     // Neither key is written anywhere a log reader sees.
     let log = std::fs::read_to_string(&b.envoy.access_log).unwrap();
     for key in ["sk-upstream-small", "azure-upstream-key", "client-key"] {

@@ -510,7 +510,9 @@ impl MeterStage {
             .request
             .as_ref()
             .and_then(|r| r.model.clone())
-            .or_else(|| self.api.as_ref().and_then(|a| a.deployment.clone()));
+            .or_else(|| self.api.as_ref().and_then(|a| a.deployment.clone()))
+            // A filter that read the model elsewhere (model-router's header) said so.
+            .or_else(|| facts::text(env.state, facts::MODEL_REQUESTED));
         // model-router may have put the client's name back in the answer:
         // the model that served is the one it replaced.
         let model = facts::text(env.state, facts::MODEL_RESPONSE)

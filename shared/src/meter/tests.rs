@@ -798,3 +798,19 @@ proptest! {
         prop_assert!(["provider", "estimated", "none"].contains(&line["usage_source"].as_str().unwrap()));
     }
 }
+
+#[test]
+fn a_model_another_filter_read_elsewhere_is_the_model_requested() {
+    // model-router read it from a header: the body names none.
+    let state = FakeFilterState::default().with(facts::MODEL_REQUESTED, "fast");
+    let r = run_with(
+        &meter(""),
+        Exchange {
+            body: r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            chunks: vec![CHAT_JSON.as_bytes().to_vec()],
+            ..Exchange::default()
+        },
+        state,
+    );
+    assert_eq!(r.line()["model_requested"], "fast");
+}
