@@ -619,3 +619,52 @@ fn the_messages_api_has_no_azure_path() {
         out.client_text()
     );
 }
+
+mod never_panics {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON-looking bytes: pieces of request bodies, broken anywhere.
+    fn bodies() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(br#"{"model":"#.to_vec()),
+            Just(br#""fast""#.to_vec()),
+            Just(br#""auto""#.to_vec()),
+            Just(br#""local/x""#.to_vec()),
+            Just(br#","messages":[{"role":"user","content":"#.to_vec()),
+            Just(br#"[{"type":"image_url"},{"type":"text","text":"select a from b"}]"#.to_vec()),
+            Just(br#","max_tokens":99999"#.to_vec()),
+            Just(br#","tools":[{}]"#.to_vec()),
+            Just(b"\"\\\"model\\\":\"".to_vec()),
+            Just(b"}]}".to_vec()),
+            Just(b"{".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..12),
+        ];
+        proptest::collection::vec(piece, 0..12).prop_map(|p| p.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn any_body_is_routed_or_refused_and_an_edited_body_stays_json(body in bodies()) {
+            let r = Rc::new(router(CONFIG));
+            let mut ex = Exchange::post("/v1/chat/completions", "");
+            ex.request_body = body.clone();
+            let out = run(&r, &ex);
+            match &out.upstream {
+                Some(up) => {
+                    if up.body != body {
+                        prop_assert!(serde_json::from_slice::<Value>(&up.body).is_ok());
+                    }
+                }
+                None => prop_assert!(out.client_status >= 400),
+            }
+        }
+
+        #[test]
+        fn splices_of_any_bytes_never_panic(body in bodies(), key in "[a-z_]{1,12}") {
+            let _ = body::set_member(&body, &key, "1");
+            let _ = body::replace_model_values(&body, "\"m\"");
+            let _ = body::shape(&body);
+        }
+    }
+}
