@@ -211,6 +211,11 @@ fn aliases_reach_their_backend_with_the_model_rewritten_and_the_key_replaced() {
         Some("Bearer sk-upstream-small")
     );
     assert_eq!(
+        req.header("x-aigw-target"),
+        None,
+        "removed once it chose the route"
+    );
+    assert_eq!(
         req.header("content-length")
             .map(|l| l.parse::<usize>().unwrap()),
         Some(req.body.len())
