@@ -302,6 +302,8 @@ pub struct StageHttp<S: Stage> {
     pending: Vec<u32>,
     /// The stage answered the request itself: its own reply is not its to read.
     replied: bool,
+    /// The stage does not read this response: it passes untouched.
+    passing_response: bool,
     /// Output of the last response callback, kept in Envoy's buffer (paused)
     /// because the stage still held bytes then.
     paused_output: Option<Vec<u8>>,
@@ -335,6 +337,7 @@ impl<S: Stage> StageHttp<S> {
             waiting: None,
             pending: Vec::new(),
             replied: false,
+            passing_response: false,
             paused_output: None,
         }
     }
@@ -676,6 +679,10 @@ impl<S: Stage> HttpContext for StageHttp<S> {
         if self.replied {
             return Action::Continue;
         }
+        if !self.stage.reads_response() {
+            self.passing_response = true;
+            return Action::Continue;
+        }
         let mut headers =
             Headers::new(hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default());
         let mut tokens = Vec::new();
@@ -697,7 +704,7 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.replied {
+        if self.replied || self.passing_response {
             return Action::Continue;
         }
         if self.waiting.is_some() {
@@ -786,7 +793,7 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        if self.replied || self.reading_response_body {
+        if self.replied || self.passing_response || self.reading_response_body {
             return Action::Continue;
         }
         // A response that ends with trailers never has an end-of-stream body
@@ -814,6 +821,9 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_log(&mut self) {
+        if !self.stage.logs() {
+            return;
+        }
         let input = LogInput {
             request_id: text_property(vec!["request", "id"]),
             status: int_property(vec!["response", "code"])

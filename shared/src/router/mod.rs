@@ -867,6 +867,15 @@ impl Stage for RouterStage {
         self.router.c.max_request_body_bytes
     }
 
+    fn reads_response(&self) -> bool {
+        // Only to map the model back; otherwise the answer is not the router's business.
+        self.map_back.is_some()
+    }
+
+    fn logs(&self) -> bool {
+        false
+    }
+
     fn wants_response_body(&self) -> bool {
         matches!(self.response, Rewriting::Sse(_))
     }
