@@ -230,6 +230,7 @@ fn aliases_reach_their_backend_with_the_model_rewritten_and_the_key_replaced() {
     assert_eq!(line["route"], "small", "{line}");
     assert_eq!(line["provider"], "openai-compatible", "{line}");
     assert_eq!(line["route_tier"], Value::Null, "{line}");
+    assert_eq!(line["route_reason"], "alias:fast", "{line}");
     assert!(line["input_tokens"].as_u64().is_some(), "{line}");
 
     // A target without its own key keeps the client's.
@@ -307,6 +308,8 @@ fn header_and_consumer_rules_pick_the_large_backend() {
     }
     assert_eq!(sent(&b.large).1["model"], "gpt-4o");
     assert_eq!(b.line("vip-acme")["route"], "large");
+    assert_eq!(b.line("vip-acme")["route_reason"], "rule:vip");
+    assert_eq!(b.line("premium")["route_reason"], "rule:premium");
 }
 
 #[test]

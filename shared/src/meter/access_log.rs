@@ -19,7 +19,9 @@ pub struct Line {
     pub model_requested: Option<String>,
     pub model: Option<String>,
     pub route: Option<String>,
-    /// The complexity tier and score model-router gave an `auto` request.
+    /// What chose the route (model-router), and the complexity tier and
+    /// score it gave an `auto` request.
+    pub route_reason: Option<String>,
     pub route_tier: Option<String>,
     pub route_score: Option<u32>,
     pub status: Option<u16>,
@@ -65,6 +67,7 @@ mod tests {
             "model_requested",
             "model",
             "route",
+            "route_reason",
             "route_tier",
             "route_score",
             "status",

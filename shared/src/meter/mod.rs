@@ -571,6 +571,7 @@ impl MeterStage {
                 model_requested,
                 model,
                 route: facts::text(env.state, facts::ROUTE).or_else(|| input.route_name.clone()),
+                route_reason: facts::text(env.state, facts::ROUTE_REASON),
                 route_tier: facts::text(env.state, facts::ROUTE_TIER),
                 route_score: facts::text(env.state, facts::ROUTE_SCORE)
                     .and_then(|s| s.parse().ok()),

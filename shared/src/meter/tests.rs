@@ -641,6 +641,7 @@ fn facts_from_other_filters_win() {
         .with(facts::CONSUMER, "team-a")
         .with(facts::PROVIDER, "vllm")
         .with(facts::ROUTE, "fast-tier")
+        .with(facts::ROUTE_REASON, "auto:small")
         .with(facts::ROUTE_TIER, "small")
         .with(facts::ROUTE_SCORE, "12")
         .with(facts::MODEL_RESPONSE, "gpt-4o-mini-2024-07-18")
@@ -660,6 +661,7 @@ fn facts_from_other_filters_win() {
     assert_eq!(line["consumer"], "team-a");
     assert_eq!(line["provider"], "vllm");
     assert_eq!(line["route"], "fast-tier");
+    assert_eq!(line["route_reason"], "auto:small");
     assert_eq!(line["route_tier"], "small");
     assert_eq!(line["route_score"], 12);
     // The router mapped the answer's model back to the alias: the log shows what served.

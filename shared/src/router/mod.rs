@@ -601,6 +601,7 @@ impl RouterStage {
             state.set(facts::PROVIDER, target.provider.name().as_bytes());
         }
         state.set(facts::ROUTE, target.name.as_bytes());
+        state.set(facts::ROUTE_REASON, d.reason.as_bytes());
         if let Some(t) = &d.tier {
             state.set(facts::ROUTE_TIER, t.as_bytes());
         }

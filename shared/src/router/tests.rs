@@ -345,12 +345,22 @@ fn auto_publishes_its_score_and_tier() {
     );
     assert_eq!(out.state.text(facts::ROUTE_TIER), Some("small"));
     assert_eq!(out.state.text(facts::ROUTE_SCORE), Some("0"));
-    // Non-auto requests publish neither.
-    let out = run(
-        &r,
-        &Exchange::post("/v1/chat/completions", &chat("fast", "hi")),
-    );
-    assert_eq!(out.state.text(facts::ROUTE_TIER), None);
+    assert_eq!(out.state.text(facts::ROUTE_REASON), Some("auto:small"));
+    // Non-auto requests publish neither, but say what chose their route.
+    let reasons = [
+        (chat("fast", "hi"), vec![], "alias:fast"),
+        (chat("o3", "hi"), vec![], "default"),
+        (chat("fast", "hi"), vec![("x-pin", "azure")], "rule:pin"),
+    ];
+    for (body, headers, reason) in reasons {
+        let mut ex = Exchange::post("/v1/chat/completions", &body);
+        for (k, v) in headers {
+            ex = ex.header(k, v);
+        }
+        let out = run(&r, &ex);
+        assert_eq!(out.state.text(facts::ROUTE_TIER), None);
+        assert_eq!(out.state.text(facts::ROUTE_REASON), Some(reason));
+    }
 }
 
 #[test]
