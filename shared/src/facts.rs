@@ -12,7 +12,7 @@
 //! |---|---|---|
 //! | `aigw.consumer` | UTF-8 id | the first filter that identifies the caller |
 //! | `aigw.request` | JSON [`RequestFacts`] | the first filter that parses the request body |
-//! | `aigw.model_requested` | UTF-8 | with `aigw.request` |
+//! | `aigw.model_requested` | UTF-8 | with `aigw.request`; model-router when none did (a model from an Azure path or a header) |
 //! | `aigw.model` | UTF-8 | model-router (routed), token-meter (as the provider answered) |
 //! | `aigw.provider` | UTF-8 | model-router, else token-meter |
 //! | `aigw.route` | UTF-8 target name | model-router |
