@@ -576,3 +576,27 @@ fn when_every_backend_fails_the_client_gets_an_openai_shaped_503() {
     assert_eq!(line["route"], "large", "{line}");
     assert!(small.requests().is_empty());
 }
+
+#[test]
+fn a_body_that_is_not_json_goes_on_by_headers_alone() {
+    let b = start(None);
+    let headers = [
+        ("x-aigw-consumer", "not-json"),
+        ("content-type", "application/json"),
+    ];
+    let r = client::post(
+        b.envoy.addr(),
+        "/v1/chat/completions",
+        &headers,
+        "{\"model\": fast",
+    )
+    .unwrap();
+    // The router sent it, unchanged, to the default target; the backend judged it.
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("malformed JSON"), "{}", r.text());
+    assert_eq!(b.counts(), [0, 0, 1, 0]);
+    assert_eq!(b.large.last_request().unwrap().body, b"{\"model\": fast");
+    let line = b.line("not-json");
+    assert_eq!(line["route"], "passthrough", "{line}");
+    assert_eq!(line["route_reason"], "default", "{line}");
+}

@@ -272,12 +272,13 @@ impl Router {
         let Some(model) = r.model else {
             // Routed on headers alone, the model may well be in the body:
             // the default target takes it then.
+            let missing = self.c.missing_model_target.map(|t| (t, "missing_model"));
             let fallback = match r.body_read {
-                true => self.c.missing_model_target,
-                false => self.c.missing_model_target.or(self.c.default_target),
+                true => missing,
+                false => missing.or(self.c.default_target.map(|t| (t, "default"))),
             };
             return match fallback {
-                Some(t) => Ok(self.decision(t, "missing_model".into(), None)),
+                Some((t, reason)) => Ok(self.decision(t, reason.into(), None)),
                 None => Err(Reply::error(
                     400,
                     "invalid_request_error",
