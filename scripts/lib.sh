@@ -6,7 +6,7 @@ TOOLS="$ROOT/.tools"
 ENVOY_DIR="$TOOLS/envoy-$ENVOY_VERSION"
 ENVOY="$ENVOY_DIR/envoy/_bin/envoy"
 WASM_DIR="$ROOT/target/wasm"
-PLUGINS=(token-meter rate-limit prompt-cache model-router content-screen)
+PLUGINS=(token-meter rate-limit prompt-cache model-router content-screen gateway)
 export AIGW_ENVOY="$ENVOY" AIGW_WASM_DIR="$WASM_DIR" AIGW_ROOT="$ROOT"
 
 say() { printf '==> %s\n' "$*" >&2; }

@@ -34,7 +34,9 @@ else
   upstream="$AIGW_UPSTREAM"
 fi
 
-"$ROOT/target/release/aigw-config" "$ROOT/envoy/gateway.yaml" "$port" "$admin_port" \
+config="${AIGW_CONFIG:-$ROOT/envoy/gateway.yaml}"
+[ -f "$config" ] || die "AIGW_CONFIG=$config: no such file"
+"$ROOT/target/release/aigw-config" "$config" "$port" "$admin_port" \
   "$upstream" "$access_log" "$WASM_DIR" "${AIGW_UPSTREAM_CA:-}" >"$work/gateway.yaml"
 "$ENVOY" -c "$work/gateway.yaml" --concurrency "${AIGW_CONCURRENCY:-2}" --disable-hot-restart \
   --file-flush-interval-msec 250 -l "${AIGW_LOG_LEVEL:-warning}" &

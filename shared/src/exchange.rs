@@ -208,12 +208,25 @@ impl Run<'_> {
         reply: Reply,
         upstream: Option<Upstream>,
     ) -> Outcome {
+        let mut pairs = vec![(":status".to_string(), reply.status.to_string())];
+        pairs.extend(reply.headers.iter().cloned());
+        let mut headers = Headers::new(pairs);
+        let mut body = reply.body.clone();
+        // As Envoy does, the reply passes through the stage's own response
+        // steps; only a stage that runs others (the bundle) reads them.
+        if stage.reads_own_reply() {
+            step!(self, |env| stage.response_headers(env, &mut headers, false));
+            let mut chunk = Chunk::new(body.clone());
+            step!(self, |env| stage.response_body(env, &mut chunk, true));
+            body = chunk.into_bytes();
+            headers.take_edits();
+        }
         self.log(stage, reply.status);
         Outcome {
             upstream,
             client_status: reply.status,
-            client_headers: Headers::new(reply.headers.clone()),
-            client_body: reply.body.clone(),
+            client_headers: headers,
+            client_body: body,
             reply: Some(reply),
             callouts: Vec::new(),
             state: FakeFilterState::default(),

@@ -118,6 +118,7 @@ mod tests {
             input_tokens: Some(3),
             output_tokens: None,
             cached_input_tokens: Some(0),
+            cache_write_input_tokens: Some(1),
             reasoning_tokens: None,
             source: UsageSource::Estimated,
         };
@@ -126,8 +127,20 @@ mod tests {
         assert_eq!(
             s.text(USAGE),
             Some(
-                r#"{"input_tokens":3,"output_tokens":null,"cached_input_tokens":0,"reasoning_tokens":null,"source":"estimated"}"#
+                r#"{"input_tokens":3,"output_tokens":null,"cached_input_tokens":0,"cache_write_input_tokens":1,"reasoning_tokens":null,"source":"estimated"}"#
             )
+        );
+        // The JSON an older writer left, without cache_write_input_tokens, still reads.
+        let old = FakeFilterState::default().with(
+            USAGE,
+            r#"{"input_tokens":3,"output_tokens":null,"cached_input_tokens":0,"reasoning_tokens":null,"source":"estimated"}"#,
+        );
+        assert_eq!(
+            usage(&old),
+            Some(Usage {
+                cache_write_input_tokens: None,
+                ..u
+            })
         );
     }
 

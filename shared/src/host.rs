@@ -676,7 +676,8 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if self.replied {
+        // Envoy runs a filter's response callbacks for its own local reply too.
+        if self.replied && !self.stage.reads_own_reply() {
             return Action::Continue;
         }
         if !self.stage.reads_response() {
@@ -704,7 +705,7 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.replied || self.passing_response {
+        if (self.replied && !self.stage.reads_own_reply()) || self.passing_response {
             return Action::Continue;
         }
         if self.waiting.is_some() {
@@ -793,7 +794,10 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        if self.replied || self.passing_response || self.reading_response_body {
+        if (self.replied && !self.stage.reads_own_reply())
+            || self.passing_response
+            || self.reading_response_body
+        {
             return Action::Continue;
         }
         // A response that ends with trailers never has an end-of-stream body

@@ -21,3 +21,6 @@ pub mod wire; // api, request, sse, json_scan, decode, usage
 // One folder per stage.
 pub mod meter; // token-meter: usage, prices, metrics, the access-log line
 pub mod router; // model-router: rules, aliases, complexity tiers, splits; the rewrites
+
+// All of them in one VM.
+pub mod bundle; // the chain of stages, facts in memory, one body read

@@ -389,6 +389,16 @@ pub trait Stage {
     fn holding(&self) -> bool {
         false
     }
+
+    /// Whether the stage's response steps run for its own local reply.
+    /// Envoy passes a filter's local reply through that filter's own
+    /// response callbacks too; a single stage has nothing to read there (a
+    /// cache would store its own hit), so the shell skips them, but a stage
+    /// that runs others (the bundle) passes the reply to the stages above
+    /// the one that answered.
+    fn reads_own_reply(&self) -> bool {
+        false
+    }
 }
 
 /// A filter as loaded: its compiled configuration and VM-wide state, which

@@ -5,7 +5,8 @@
 //! Endpoints: `POST /v1/chat/completions`, `/v1/completions`,
 //! `/v1/responses`, `/v1/embeddings`, `/v1/messages` (Anthropic),
 //! `/openai/deployments/{d}/{chat/completions,completions,embeddings}?api-version=..`
-//! (Azure), and `GET /healthz`.
+//! (Azure), `POST /v1/threads/{id}/messages` (OpenAI Assistants: not an LLM
+//! call, but its path ends like Anthropic's), and `GET /healthz`.
 //!
 //! Counting: P (prompt) is the [`words`] of the request's text, or
 //! `x-mock-prompt-tokens`; the answer is C = `x-mock-chunks` (default 5)
@@ -17,8 +18,21 @@
 //! `x-mock-chunk-delay-ms`, `x-mock-split-bytes` + `x-mock-split-delay-ms`,
 //! `x-mock-abort-after`, `x-mock-omit-usage`, `x-mock-newline`
 //! (`lf|crlf|cr`), `x-mock-sse-extras`, `x-mock-gzip` (`force|off`; otherwise
-//! gzip follows `accept-encoding`), `x-mock-response-model`. A knob with a bad
-//! value is a 400, so a typo cannot silently test the default.
+//! gzip follows `accept-encoding`), `x-mock-response-model`,
+//! `x-mock-trailers: 1` (the answer, JSON or SSE, is sent chunked and ends
+//! with the HTTP/1.1 trailer `x-mock-done: 1`, announced by `trailer:`),
+//! `x-mock-sse-tail: 1` (a stream ends with an unterminated event,
+//! `data: {"partial":true}` and no blank line: bytes a reader must hold).
+//! A knob with a bad value is a 400, so a typo cannot silently test the
+//! default.
+//!
+//! Compression knobs (each implies gzip): `x-mock-gzip-bomb-mib: N`
+//! (1..=4096; a JSON answer with N MiB of spaces before its `"usage"` member,
+//! gzipped to about a thousandth of that), `x-mock-gzip-members: 2` (the
+//! gzip body is two members, the second starting at the usage: the
+//! `"usage"` member of a JSON answer, the first event with a usage object
+//! in a stream), `x-mock-gzip-corrupt: 1` (the deflate data goes bad after
+//! the last byte of the answer: invalid bytes instead of the stream's end).
 //!
 //! Design:
 //! - Plain `std::net` HTTP/1.1 with one thread per connection. Envoy pools
@@ -65,6 +79,10 @@ const MAX_BODY: usize = 64 << 20;
 /// Keeps a typo in `x-mock-chunks` from building gigabytes of events.
 const MAX_CHUNKS: usize = 100_000;
 const DEFAULT_CHUNKS: usize = 5;
+/// 4 GiB inflated is past any VM's memory; more only costs the mock CPU.
+const MAX_BOMB_MIB: usize = 4096;
+/// The trailer `x-mock-trailers` ends an answer with.
+pub const TRAILER: (&str, &str) = ("x-mock-done", "1");
 const EMBEDDING_DIMS: usize = 8;
 
 /// One request as the mock received it (body already de-chunked).
@@ -477,6 +495,11 @@ struct Knobs {
     newline: &'static str,
     sse_extras: bool,
     gzip: bool,
+    gzip_bomb_mib: Option<usize>,
+    gzip_members: usize,
+    gzip_corrupt: bool,
+    trailers: bool,
+    sse_tail: bool,
     prompt_tokens: Option<u64>,
     reasoning: u64,
     cached: u64,
@@ -498,6 +521,11 @@ impl Default for Knobs {
             newline: "\n",
             sse_extras: false,
             gzip: false,
+            gzip_bomb_mib: None,
+            gzip_members: 1,
+            gzip_corrupt: false,
+            trailers: false,
+            sse_tail: false,
             prompt_tokens: None,
             reasoning: 0,
             cached: 0,
@@ -576,6 +604,18 @@ impl Knobs {
                 _ => return Err("x-mock-gzip must be force or off".into()),
             },
         };
+        let gzip_bomb_mib = num_knob::<usize>(h, "x-mock-gzip-bomb-mib")?;
+        if gzip_bomb_mib.is_some_and(|n| !(1..=MAX_BOMB_MIB).contains(&n)) {
+            return Err(format!(
+                "x-mock-gzip-bomb-mib must be between 1 and {MAX_BOMB_MIB}"
+            ));
+        }
+        let gzip_members = num_knob::<usize>(h, "x-mock-gzip-members")?.unwrap_or(1);
+        if !(1..=2).contains(&gzip_members) {
+            return Err("x-mock-gzip-members must be 1 or 2".into());
+        }
+        let gzip_corrupt = bool_knob(h, "x-mock-gzip-corrupt")?;
+        let gzip = gzip || gzip_bomb_mib.is_some() || gzip_members > 1 || gzip_corrupt;
         Ok(Knobs {
             status,
             ttft: ms_knob(h, "x-mock-ttft-ms")?.unwrap_or(d.ttft),
@@ -588,6 +628,11 @@ impl Knobs {
             newline,
             sse_extras: bool_knob(h, "x-mock-sse-extras")?,
             gzip,
+            gzip_bomb_mib,
+            gzip_members,
+            gzip_corrupt,
+            trailers: bool_knob(h, "x-mock-trailers")?,
+            sse_tail: bool_knob(h, "x-mock-sse-tail")?,
             prompt_tokens: num_knob(h, "x-mock-prompt-tokens")?,
             reasoning: num_knob(h, "x-mock-reasoning-tokens")?.unwrap_or(0),
             cached: num_knob(h, "x-mock-cached-tokens")?.unwrap_or(0),
@@ -666,6 +711,14 @@ fn route(method: &str, path: &str) -> Option<Route> {
             })
         }
     }
+}
+
+/// The thread of an Assistants `POST /v1/threads/{thread}/messages`.
+fn thread_messages<'a>(method: &str, path: &'a str) -> Option<&'a str> {
+    let thread = path
+        .strip_prefix("/v1/threads/")?
+        .strip_suffix("/messages")?;
+    (method == "POST" && !thread.is_empty() && !thread.contains('/')).then_some(thread)
 }
 
 /// One SSE event before framing.
@@ -780,6 +833,15 @@ fn respond(req: &Request) -> Reply {
             body: Body::Full(b"ok".to_vec()),
             knobs: Knobs::default(),
         };
+    }
+    if let Some(thread) = thread_messages(&req.method, path) {
+        // Assistants: adds a message to a thread; no tokens are used, and
+        // its path ends like Anthropic's `/v1/messages`.
+        let body = format!(
+            r#"{{"id":"msg_mock","object":"thread.message","created_at":{CREATED},"thread_id":{},"role":"user","content":[{{"type":"text","text":{{"value":"ok","annotations":[]}}}}]}}"#,
+            js(thread)
+        );
+        return json_reply(200, body, Knobs::default());
     }
     let Some(route) = route(&req.method, path) else {
         let message = format!("no route for {} {}", req.method, path);
@@ -1348,6 +1410,7 @@ struct Sink<'a> {
     split: Option<usize>,
     split_delay: Duration,
     started: bool,
+    trailers: bool,
 }
 
 impl Sink<'_> {
@@ -1374,7 +1437,12 @@ impl Sink<'_> {
 
     fn finish(&mut self) -> io::Result<()> {
         if self.chunked {
-            self.out.write_all(b"0\r\n\r\n")?;
+            if self.trailers {
+                let (name, value) = TRAILER;
+                write!(self.out, "0\r\n{name}: {value}\r\n\r\n")?;
+            } else {
+                self.out.write_all(b"0\r\n\r\n")?;
+            }
             self.out.flush()?;
         }
         Ok(())
@@ -1392,6 +1460,18 @@ impl Encoder {
             Encoder::Gzip(GzEncoder::new(Vec::new(), Compression::default()))
         } else {
             Encoder::Identity
+        }
+    }
+
+    /// Compresses without a flush: the output comes when the compressor
+    /// wants, which keeps a bomb's padding at deflate's best ratio.
+    fn push_unflushed(&mut self, bytes: &[u8]) -> io::Result<Vec<u8>> {
+        match self {
+            Encoder::Identity => Ok(bytes.to_vec()),
+            Encoder::Gzip(enc) => {
+                enc.write_all(bytes)?;
+                Ok(std::mem::take(enc.get_mut()))
+            }
         }
     }
 
@@ -1414,9 +1494,55 @@ impl Encoder {
             Encoder::Gzip(enc) => enc.finish(),
         }
     }
+
+    /// Ends the current gzip member and starts another; returns the end of
+    /// the old one.
+    fn next_member(&mut self) -> io::Result<Vec<u8>> {
+        let old = std::mem::replace(self, Encoder::new(true));
+        old.finish()
+    }
+
+    /// Ends the answer with deflate data that is not valid (a block of the
+    /// reserved type), in place of the stream's end and trailer.
+    fn finish_corrupt(mut self) -> io::Result<Vec<u8>> {
+        let mut tail = self.push(&[])?;
+        tail.extend_from_slice(&[0xff; 16]);
+        Ok(tail)
+    }
 }
 
-fn head(status: u16, content_type: &str, gzip: bool, length: Option<usize>, keep: bool) -> Vec<u8> {
+/// The compressed bytes of a whole answer, as the gzip knobs shape it.
+fn gzip_body(bytes: &[u8], knobs: &Knobs) -> io::Result<Vec<u8>> {
+    // The usage member starts at its key; whitespace may go right before it.
+    let usage_at = memchr::memmem::rfind(bytes, b"\"usage\"").unwrap_or(bytes.len());
+    let (before, after) = bytes.split_at(usage_at);
+    let mut enc = Encoder::new(true);
+    let mut all = enc.push(before)?;
+    if let Some(mib) = knobs.gzip_bomb_mib {
+        let spaces = vec![b' '; 1 << 20];
+        for _ in 0..mib {
+            all.extend(enc.push_unflushed(&spaces)?);
+        }
+    }
+    if knobs.gzip_members > 1 {
+        all.extend(enc.next_member()?);
+    }
+    all.extend(enc.push(after)?);
+    if knobs.gzip_corrupt {
+        all.extend(enc.finish_corrupt()?);
+    } else {
+        all.extend(enc.finish()?);
+    }
+    Ok(all)
+}
+
+fn head(
+    knobs: &Knobs,
+    status: u16,
+    content_type: &str,
+    length: Option<usize>,
+    keep: bool,
+) -> Vec<u8> {
     let mut h = format!(
         "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\n",
         reason(status)
@@ -1424,8 +1550,11 @@ fn head(status: u16, content_type: &str, gzip: bool, length: Option<usize>, keep
     if content_type == "text/event-stream" {
         h.push_str("cache-control: no-cache\r\n");
     }
-    if gzip {
+    if knobs.gzip {
         h.push_str("content-encoding: gzip\r\n");
+    }
+    if knobs.trailers && length.is_none() {
+        h.push_str(&format!("trailer: {}\r\n", TRAILER.0));
     }
     match length {
         Some(n) => h.push_str(&format!("content-length: {n}\r\n")),
@@ -1511,16 +1640,13 @@ fn write_reply(
         Body::Full(bytes) => {
             sleep(knobs.ttft);
             let bytes = if knobs.gzip {
-                let mut enc = Encoder::new(true);
-                let mut all = enc.push(&bytes)?;
-                all.extend(enc.finish()?);
-                all
+                gzip_body(&bytes, &knobs)?
             } else {
                 bytes
             };
-            let chunked = knobs.split_bytes.is_some();
+            let chunked = knobs.split_bytes.is_some() || knobs.trailers;
             let length = (!chunked).then_some(bytes.len());
-            out.write_all(&head(status, content_type, knobs.gzip, length, keep_alive))?;
+            out.write_all(&head(&knobs, status, content_type, length, keep_alive))?;
             out.flush()?;
             if head_only {
                 return Ok(keep_alive);
@@ -1531,13 +1657,14 @@ fn write_reply(
                 split: knobs.split_bytes,
                 split_delay: knobs.split_delay,
                 started: false,
+                trailers: knobs.trailers,
             };
             sink.send(&bytes)?;
             sink.finish()?;
             Ok(keep_alive)
         }
         Body::Stream(events) => {
-            out.write_all(&head(status, content_type, knobs.gzip, None, keep_alive))?;
+            out.write_all(&head(&knobs, status, content_type, None, keep_alive))?;
             out.flush()?;
             sleep(knobs.ttft);
             let split_at = if knobs.sse_extras {
@@ -1555,13 +1682,20 @@ fn write_reply(
                 split: knobs.split_bytes,
                 split_delay: knobs.split_delay,
                 started: false,
+                trailers: knobs.trailers,
             };
             if knobs.abort_after == Some(0) {
                 return abort(sink.out);
             }
+            let second_member = (knobs.gzip_members > 1)
+                .then(|| events.iter().position(|e| e.data.contains("\"usage\":{")))
+                .flatten();
             for (i, ev) in events.iter().enumerate() {
                 if i > 0 {
                     sleep(knobs.chunk_delay);
+                }
+                if second_member == Some(i) {
+                    sink.send(&enc.next_member()?)?;
                 }
                 let raw = render_event(ev, i, knobs.newline, knobs.sse_extras, split_at == Some(i));
                 let bytes = enc.push(&raw)?;
@@ -1570,7 +1704,14 @@ fn write_reply(
                     return abort(sink.out);
                 }
             }
-            let tail = enc.finish()?;
+            if knobs.sse_tail {
+                sink.send(&enc.push(br#"data: {"partial":true}"#)?)?;
+            }
+            let tail = if knobs.gzip_corrupt {
+                enc.finish_corrupt()?
+            } else {
+                enc.finish()?
+            };
             sink.send(&tail)?;
             sink.finish()?;
             Ok(keep_alive)
@@ -1952,6 +2093,10 @@ mod tests {
         assert!(r.json()["error"]["message"].is_string());
 
         assert_eq!(post(&mock, "/nope", &[], "{}").status, 404);
+        let r = post(&mock, "/v1/threads/t1/messages", &[], r#"{"role":"user"}"#);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["object"], "thread.message");
+        assert!(r.json().get("usage").is_none());
         let azure = "/openai/deployments/my-gpt/chat/completions";
         assert_eq!(post(&mock, azure, &[], CHAT).status, 404);
         let r = post(&mock, &format!("{azure}?api-version=2024-10-21"), &[], CHAT);
@@ -2051,6 +2196,109 @@ mod tests {
             .read_to_end(&mut decoded)
             .unwrap();
         assert_eq!(decoded, plain.body);
+    }
+
+    #[test]
+    fn gzip_knobs_shape_the_compressed_body() {
+        use flate2::read::{GzDecoder, MultiGzDecoder};
+        let mock = MockLlm::start().unwrap();
+        let plain = post(&mock, "/v1/chat/completions", &[], CHAT).body;
+        let decode_all = |body: &[u8]| {
+            let mut out = Vec::new();
+            let done = MultiGzDecoder::new(body).read_to_end(&mut out);
+            (out, done.is_ok())
+        };
+
+        // A bomb: tiny on the wire, the same JSON with spaces before "usage".
+        let bomb = post(
+            &mock,
+            "/v1/chat/completions",
+            &[("x-mock-gzip-bomb-mib", "16")],
+            CHAT,
+        );
+        assert_eq!(bomb.header("content-encoding"), Some("gzip"));
+        assert!(bomb.body.len() < 64 << 10, "{}", bomb.body.len());
+        let (inflated, ok) = decode_all(&bomb.body);
+        assert!(ok);
+        assert_eq!(inflated.len(), plain.len() + (16 << 20));
+        let v: Value = serde_json::from_slice(&inflated).unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 5);
+
+        // Two members, the second from the usage on: a single-member decoder
+        // stops before the usage.
+        let stream = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"a b"}]}"#;
+        for (body, usage_at_end) in [(CHAT, "\"usage\":{"), (stream, "\"usage\":{")] {
+            let two = post(
+                &mock,
+                "/v1/chat/completions",
+                &[("x-mock-gzip-members", "2")],
+                body,
+            );
+            let (all, ok) = decode_all(&two.body);
+            assert!(ok);
+            assert!(
+                String::from_utf8_lossy(&all).contains(usage_at_end),
+                "{body}"
+            );
+            let mut first = Vec::new();
+            GzDecoder::new(&two.body[..])
+                .read_to_end(&mut first)
+                .unwrap();
+            assert!(
+                !String::from_utf8_lossy(&first).contains(usage_at_end),
+                "{body}"
+            );
+        }
+
+        // Corrupt after the whole answer: it all decodes, then an error.
+        for body in [CHAT, stream] {
+            let bad = post(
+                &mock,
+                "/v1/chat/completions",
+                &[("x-mock-gzip-corrupt", "1")],
+                body,
+            );
+            let mut dec = flate2::write::GzDecoder::new(Vec::new());
+            assert!(dec.write_all(&bad.body).and_then(|()| dec.flush()).is_err());
+            let (prefix, ok) = decode_all(&bad.body[..bad.body.len() - 16]);
+            assert!(!ok, "no end: the stream is cut");
+            assert!(
+                String::from_utf8_lossy(&prefix).contains("\"usage\":{"),
+                "{body}"
+            );
+        }
+
+        for (knob, value) in [
+            ("x-mock-gzip-bomb-mib", "0"),
+            ("x-mock-gzip-bomb-mib", "5000"),
+            ("x-mock-gzip-members", "3"),
+            ("x-mock-gzip-corrupt", "maybe"),
+            ("x-mock-trailers", "2"),
+        ] {
+            let r = post(&mock, "/v1/chat/completions", &[(knob, value)], CHAT);
+            assert_eq!(r.status, 400, "{knob}: {value}");
+        }
+    }
+
+    #[test]
+    fn trailers_end_json_and_streams() {
+        let mock = MockLlm::start().unwrap();
+        let stream = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"a b"}]}"#;
+        for body in [CHAT, stream] {
+            let mut raw = request("/v1/chat/completions", &[("x-mock-trailers", "1")], body);
+            raw = raw.replacen("host: mock\r\n", "host: mock\r\nconnection: close\r\n", 1);
+            let mut s = TcpStream::connect(mock.addr()).unwrap();
+            s.write_all(raw.as_bytes()).unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            let text = String::from_utf8(got).unwrap();
+            assert!(
+                text.contains("\r\ntransfer-encoding: chunked\r\n"),
+                "{text}"
+            );
+            assert!(text.contains("\r\ntrailer: x-mock-done\r\n"), "{text}");
+            assert!(text.ends_with("\r\n0\r\nx-mock-done: 1\r\n\r\n"), "{text}");
+        }
     }
 
     #[test]

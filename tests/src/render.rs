@@ -236,5 +236,13 @@ mod tests {
         );
         assert_eq!(render("# aigw: prose\n", &v).unwrap(), "# aigw: prose\n");
         assert!(render("x: 1  # aigw:port\n", &v).is_err());
+        // Port 0 (the kernel picks; the harness reads the port back).
+        let zero = Values {
+            port: 0,
+            admin_port: 0,
+            ..v.clone()
+        };
+        let out = render(yaml, &zero).unwrap();
+        assert!(out.contains("port_value: 0 }  # aigw:port"), "{out}");
     }
 }

@@ -9,6 +9,7 @@
 
 use aigw_shared::meter::Meter;
 use aigw_shared::router::Router;
+use aigw_shared::stage::Filter;
 use aigw_tests::harness::{envoy_bin, root};
 use serde_norway::Value as Yaml;
 use std::path::{Path, PathBuf};
@@ -52,6 +53,11 @@ fn check_filter_config(plugin: &str, json: &str, origin: &str) {
         "model-router" => {
             if let Err(e) = Router::from_json(json.as_bytes()) {
                 panic!("{origin}: model-router rejects its configuration: {e}\n{json}");
+            }
+        }
+        "gateway" => {
+            if let Err(e) = aigw_shared::bundle::Bundle::from_config(json.as_bytes()) {
+                panic!("{origin}: the bundle rejects its configuration: {e}\n{json}");
             }
         }
         "rate-limit" | "prompt-cache" | "content-screen" => {
@@ -154,16 +160,62 @@ fn every_filter_configuration_shown_is_accepted() {
     assert!(checked >= 4, "found only {checked} configurations");
 }
 
-#[test]
-fn gateway_yaml_chains_the_filters_that_do_something() {
-    let doc: Yaml = serde_norway::from_str(
-        &std::fs::read_to_string(root().join("envoy/gateway.yaml")).unwrap(),
-    )
-    .unwrap();
+/// The filters, in the order DESIGN.md gives for the chain (request path).
+const ORDER: &[&str] = &[
+    "token-meter",
+    "content-screen",
+    "rate-limit",
+    "prompt-cache",
+    "model-router",
+];
+
+fn filter_configs(yaml: &str) -> Vec<(String, String)> {
+    let doc: Yaml =
+        serde_norway::from_str(&std::fs::read_to_string(root().join(yaml)).unwrap()).unwrap();
     let mut configs = Vec::new();
     wasm_configs(&doc, &mut configs);
-    let names: Vec<&str> = configs.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["token-meter", "model-router"]);
+    configs
+}
+
+fn json(text: &str) -> serde_json::Value {
+    if text.trim().is_empty() {
+        return serde_json::json!({});
+    }
+    serde_json::from_str(text).unwrap()
+}
+
+#[test]
+fn gateway_yaml_chains_the_filters_in_order_and_the_bundle_is_the_same_gateway() {
+    let separate = filter_configs("envoy/gateway.yaml");
+    let names: Vec<&str> = separate.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names.first(),
+        Some(&"token-meter"),
+        "the meter is outermost"
+    );
+    let positions: Vec<usize> = names
+        .iter()
+        .map(|n| ORDER.iter().position(|o| o == n).unwrap())
+        .collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "gateway.yaml chains {names:?}, not in the order {ORDER:?}"
+    );
+
+    let bundle = filter_configs("envoy/gateway-bundle.yaml");
+    assert_eq!(bundle.len(), 1, "the bundle is one module");
+    assert_eq!(bundle[0].0, "gateway");
+    let stages = json(&bundle[0].1);
+    let stages = stages.as_object().unwrap();
+    for (name, config) in &separate {
+        let key = name.replace('-', "_");
+        assert_eq!(
+            stages.get(&key),
+            Some(&json(config)),
+            "gateway-bundle.yaml's {key} differs from gateway.yaml's {name}"
+        );
+    }
+    assert_eq!(stages.len(), separate.len(), "{:?}", stages.keys());
 }
 
 #[test]

@@ -9,8 +9,10 @@
 //!
 //! On the response side it reads without holding anything back: SSE through
 //! the incremental parser, JSON through the top-level scanner, gzip through a
-//! side decoder; error statuses are not read at all. Memory per stream is the
-//! parser's bound, whatever the response's length.
+//! side decoder that hands over its output in small pieces and stops at a
+//! budget of inflated bytes (`max_inflated_bytes`); error statuses are not
+//! read at all. Memory per stream is the parser's bound plus one decoded
+//! piece, whatever the response's length or compression ratio.
 //!
 //! In the log phase it decides the usage (provider, estimated or none; see
 //! `usage.rs`), prices it, records the metrics, publishes the usage fact and
@@ -22,9 +24,9 @@ pub mod price;
 use crate::config::{self, ConfigError};
 use crate::facts;
 use crate::metrics::{self, Registry};
-use crate::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, Stage, Step};
+use crate::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, RootEnv, Stage, Step};
 use crate::wire::api::{self, Api, Family, Operation};
-use crate::wire::decode::Decoder;
+use crate::wire::decode::{Decoder, Fed};
 use crate::wire::json_scan::TopLevel;
 use crate::wire::request::{self, RequestFacts, TextLen};
 use crate::wire::sse::{self, Item};
@@ -59,12 +61,18 @@ pub struct MeterConfig {
     pub max_request_body_bytes: Option<usize>,
     /// Largest single SSE event held while parsing (default 1 MiB).
     pub max_event_bytes: Option<usize>,
+    /// Most bytes inflated from one compressed response before the meter
+    /// stops reading it (default 4 x `max_event_bytes`).
+    pub max_inflated_bytes: Option<usize>,
     /// USD per 1M tokens, by model.
     pub prices: BTreeMap<String, PriceConfig>,
     /// Compose the `aigw.access_log` line (default true).
     pub access_log: Option<bool>,
     /// Distinct metric series per VM before model and consumer fold into `other` (default 4096).
     pub max_metric_series: Option<usize>,
+    /// How often counters kept in VM memory are handed to Envoy, in ms
+    /// (default 1000; 0: on every request).
+    pub metrics_flush_ms: Option<u64>,
 }
 
 /// The compiled configuration, shared by every request of a VM.
@@ -77,9 +85,11 @@ pub struct Meter {
     identity_encoding: bool,
     max_request_body_bytes: usize,
     max_event_bytes: usize,
+    max_inflated_bytes: usize,
     prices: Prices,
     access_log: bool,
     registry: RefCell<Registry>,
+    metrics_flush_ms: u64,
 }
 
 pub const DEFAULT_CONSUMER_HEADER: &str = "x-aigw-consumer";
@@ -117,6 +127,22 @@ impl Meter {
                 format!("{max_event_bytes} is outside 1024..=16777216"),
             ));
         }
+        // A budget of inflated bytes bounds what a decompression bomb costs;
+        // a few events' worth is more than any usage-bearing answer needs.
+        let max_inflated_bytes = c.max_inflated_bytes.unwrap_or(4 * max_event_bytes);
+        if !(1024..=(256 << 20)).contains(&max_inflated_bytes) {
+            return Err(ConfigError::new(
+                "max_inflated_bytes",
+                format!("{max_inflated_bytes} is outside 1024..=268435456"),
+            ));
+        }
+        let metrics_flush_ms = c.metrics_flush_ms.unwrap_or(1000);
+        if metrics_flush_ms > 60_000 {
+            return Err(ConfigError::new(
+                "metrics_flush_ms",
+                format!("{metrics_flush_ms} is above 60000 (a minute)"),
+            ));
+        }
         let max_series = c.max_metric_series.unwrap_or(4096);
         if max_series == 0 {
             return Err(ConfigError::new("max_metric_series", "must be at least 1"));
@@ -129,9 +155,15 @@ impl Meter {
             identity_encoding: c.identity_encoding.unwrap_or(true),
             max_request_body_bytes,
             max_event_bytes,
+            max_inflated_bytes,
             prices: Prices::compile("prices", &c.prices)?,
             access_log: c.access_log.unwrap_or(true),
-            registry: RefCell::new(Registry::new(max_series)),
+            registry: RefCell::new(if metrics_flush_ms == 0 {
+                Registry::new(max_series)
+            } else {
+                Registry::buffered(max_series)
+            }),
+            metrics_flush_ms,
         })
     }
 }
@@ -146,6 +178,17 @@ impl Filter for Meter {
 
     fn stage(meter: &Rc<Self>) -> MeterStage {
         MeterStage::new(Rc::clone(meter))
+    }
+
+    fn tick_ms(&self) -> Option<u64> {
+        (self.metrics_flush_ms > 0).then_some(self.metrics_flush_ms)
+    }
+
+    /// Hands the counters kept in VM memory to Envoy.
+    fn tick(&self, env: &mut RootEnv<'_>) {
+        if let Ok(mut registry) = self.registry.try_borrow_mut() {
+            registry.flush(env.metrics);
+        }
     }
 }
 
@@ -179,11 +222,17 @@ pub struct MeterStage {
     status: Option<u16>,
     reading: Reading,
     decoder: Option<Decoder>,
+    /// The compressed body stopped being read (corrupt, or over the budget).
+    inflate_stopped: bool,
+    /// The budget of inflated bytes ran out: what was read is not all there was.
+    over_budget: bool,
     seen: Seen,
     first_byte_ms: Option<u64>,
     last_byte_ms: Option<u64>,
     complete: bool,
     json_done: bool,
+    /// The usage, once published (when the answer ended, or at log time).
+    published: Option<Usage>,
 }
 
 impl MeterStage {
@@ -198,11 +247,14 @@ impl MeterStage {
             status: None,
             reading: Reading::Nothing,
             decoder: None,
+            inflate_stopped: false,
+            over_budget: false,
             seen: Seen::default(),
             first_byte_ms: None,
             last_byte_ms: None,
             complete: false,
             json_done: false,
+            published: None,
         }
     }
 
@@ -262,7 +314,7 @@ impl MeterStage {
             return;
         };
         self.json_done = true;
-        let complete = self.complete;
+        let complete = self.complete && !self.over_budget;
         if let Some(u) = scan.value("usage") {
             if let Ok(Some(w)) = serde_json::from_slice::<Option<WireUsage>>(u) {
                 self.seen.observed.observe(&w, complete);
@@ -274,6 +326,20 @@ impl MeterStage {
             }
         }
         self.seen.text_bytes = scan.text_bytes();
+    }
+
+    /// Decides the usage once and publishes it as the `aigw.usage` fact.
+    fn publish_usage(&mut self, env: &mut Env<'_>, status: Option<u16>) -> Usage {
+        if let Some(u) = self.published {
+            return u;
+        }
+        self.finish_json();
+        let usage = self.usage(env, status);
+        if self.api.is_some() {
+            facts::put_usage(env.state, &usage);
+            self.published = Some(usage);
+        }
+        usage
     }
 
     fn usage(&self, env: &Env<'_>, status: Option<u16>) -> Usage {
@@ -290,7 +356,7 @@ impl MeterStage {
         self.seen.observed.resolve(
             api.family,
             api.operation,
-            self.complete,
+            self.complete && !self.over_budget,
             estimate_input,
             estimate_output,
         )
@@ -400,7 +466,7 @@ impl Stage for MeterStage {
         }
         if let Some(enc) = headers.get("content-encoding") {
             if !enc.eq_ignore_ascii_case("identity") {
-                match Decoder::for_encoding(enc) {
+                match Decoder::for_encoding(enc, self.meter.max_inflated_bytes as u64) {
                     Some(d) => self.decoder = Some(d),
                     None => return Step::Continue,
                 }
@@ -437,6 +503,12 @@ impl Stage for MeterStage {
         if let Some(out) = self.response_chunk(env, chunk.bytes(), end_of_stream) {
             chunk.set(out);
         }
+        if end_of_stream {
+            // Published as the answer ends, not at log time: Envoy runs the
+            // filters' log phases in an order of its own, and the filters
+            // that settle on it (rate-limit) must find it in theirs.
+            self.publish_usage(env, self.status);
+        }
         Step::Continue
     }
 
@@ -449,7 +521,7 @@ impl Stage for MeterStage {
     }
 
     fn wants_response_body(&self) -> bool {
-        !matches!(self.reading, Reading::Nothing)
+        !matches!(self.reading, Reading::Nothing) && !self.inflate_stopped
     }
 
     fn holding(&self) -> bool {
@@ -477,15 +549,25 @@ impl MeterStage {
         let family = self.api.as_ref().map(|a| a.family)?;
         let out = match self.decoder.take() {
             Some(mut d) => {
-                let mut plain = Vec::new();
-                match d.feed(chunk, |p| plain.extend_from_slice(p)) {
-                    Ok(()) => self.decoder = Some(d),
-                    // Corrupt compression: stop reading, keep passing bytes.
-                    Err(_) => self.reading = Reading::Nothing,
+                // Each inflated piece is read as it comes: a chunk of a
+                // bomb never exists inflated in the VM.
+                match d.feed(chunk, |plain| {
+                    self.read(family, plain, false);
+                }) {
+                    Fed::More => self.decoder = Some(d),
+                    // What was inflated before the corrupt point has been
+                    // read (it often holds the usage); read no further, keep
+                    // passing bytes.
+                    Fed::Corrupt => self.inflate_stopped = true,
+                    Fed::OverBudget => {
+                        self.inflate_stopped = true;
+                        self.over_budget = true;
+                    }
                 }
-                self.read(family, &plain, end_of_stream);
                 None
             }
+            // Compressed bytes the decoder gave up on are not plain text.
+            None if self.inflate_stopped => None,
             None => self.read(family, chunk, end_of_stream),
         };
         if end_of_stream {
@@ -503,7 +585,7 @@ impl MeterStage {
         if let Some(c) = facts::text(env.state, facts::CONSUMER) {
             self.consumer = Some(c);
         }
-        let usage = self.usage(env, status);
+        let usage = self.publish_usage(env, status);
         let meter = Rc::clone(&self.meter);
 
         let model_requested = self
@@ -538,7 +620,6 @@ impl MeterStage {
         let stream = self.request.as_ref().map(|r| r.stream);
 
         if self.api.is_some() {
-            facts::put_usage(env.state, &usage);
             let timing = Timing {
                 ttft_ms: ttft_ms.filter(|_| stream == Some(true)),
                 per_output_token_ms: per_output_token(
@@ -581,6 +662,7 @@ impl MeterStage {
                 output_tokens: usage.output_tokens,
                 total_tokens: usage.total_tokens(),
                 cached_input_tokens: usage.cached_input_tokens,
+                cache_write_input_tokens: usage.cache_write_input_tokens,
                 reasoning_tokens: usage.reasoning_tokens,
                 usage_source: usage.source.as_str(),
                 cost_usd: cost,
@@ -649,6 +731,7 @@ fn record_metrics(
         ("input", usage.input_tokens),
         ("output", usage.output_tokens),
         ("cached_input", usage.cached_input_tokens),
+        ("cache_write_input", usage.cache_write_input_tokens),
         ("reasoning", usage.reasoning_tokens),
     ];
     for (token_type, n) in by_type {
@@ -671,13 +754,16 @@ fn record_metrics(
     ];
     reg.add(host, metric::REQUESTS, &labels, 1);
     if let Some(usd) = cost {
-        let micro = (usd * 1_000_000.0).round();
-        if micro.is_finite() && micro >= 1.0 {
-            reg.add(
+        // Whole micro-dollars, the part below one carried per series, so a
+        // run of 3.3 micro-dollar requests counts 3.3 each, not 3.
+        let parts = (usd * 1e6 * price::PARTS_PER_MICRODOLLAR as f64).round();
+        if parts.is_finite() && parts >= 1.0 {
+            reg.add_fraction(
                 host,
                 metric::COST,
                 &[("model", model), ("consumer", consumer)],
-                micro as u64,
+                parts as u64,
+                price::PARTS_PER_MICRODOLLAR,
             );
         }
     }
@@ -797,44 +883,87 @@ fn on_event(
     }
 }
 
-/// The byte range of a `"usage":null` member and one adjacent comma.
+/// The byte range of the top-level `"usage":null` member and one adjacent comma.
 ///
-/// An unescaped `"usage"` followed by `:` can only be an object key: inside a
-/// JSON string its quotes would be escaped.
+/// Only the top level is the meter's: a `"usage":null` inside a nested
+/// object (a tool's arguments, a provider's extension) is the provider's
+/// and stays. So the walk tracks strings and nesting from the first `{`, and
+/// looks only at keys one level deep.
 fn null_usage_span(raw: &[u8]) -> Option<(usize, usize)> {
     let key = b"\"usage\"";
     let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
-    let mut from = 0;
-    while let Some(pos) = find(&raw[from..], key).map(|p| p + from) {
-        let mut i = pos + key.len();
-        while raw.get(i).is_some_and(ws) {
-            i += 1;
-        }
-        if raw.get(i) == Some(&b':') {
-            i += 1;
-            while raw.get(i).is_some_and(ws) {
-                i += 1;
+    let pos = top_level_key(raw, key)?;
+    let mut i = pos + key.len();
+    while raw.get(i).is_some_and(ws) {
+        i += 1;
+    }
+    if raw.get(i) != Some(&b':') {
+        return None;
+    }
+    i += 1;
+    while raw.get(i).is_some_and(ws) {
+        i += 1;
+    }
+    if !raw.get(i..)?.starts_with(b"null") {
+        return None;
+    }
+    let end = i + 4;
+    let mut before = pos;
+    while before > 0 && ws(&raw[before - 1]) {
+        before -= 1;
+    }
+    if before > 0 && raw[before - 1] == b',' {
+        return Some((before - 1, end));
+    }
+    let mut after = end;
+    while raw.get(after).is_some_and(ws) {
+        after += 1;
+    }
+    if raw.get(after) == Some(&b',') {
+        return Some((pos, after + 1));
+    }
+    Some((pos, end))
+}
+
+/// Where the key `quoted` (quotes included) of a member of the outermost
+/// object starts: depth one, outside any string, followed by `:`.
+fn top_level_key(raw: &[u8], quoted: &[u8]) -> Option<usize> {
+    let start = memchr::memchr(b'{', raw)?;
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, &b) in raw.iter().enumerate().skip(start) {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
             }
-            if raw[i..].starts_with(b"null") {
-                let end = i + 4;
-                let mut before = pos;
-                while before > 0 && ws(&raw[before - 1]) {
-                    before -= 1;
-                }
-                if before > 0 && raw[before - 1] == b',' {
-                    return Some((before - 1, end));
-                }
-                let mut after = end;
-                while raw.get(after).is_some_and(ws) {
-                    after += 1;
-                }
-                if raw.get(after) == Some(&b',') {
-                    return Some((pos, after + 1));
-                }
-                return Some((pos, end));
-            }
+            continue;
         }
-        from = pos + 1;
+        match b {
+            b'"' => {
+                let is_key = || {
+                    let after = &raw[i + quoted.len()..];
+                    after
+                        .iter()
+                        .find(|c| !matches!(c, b' ' | b'\t' | b'\r' | b'\n'))
+                        == Some(&b':')
+                };
+                if depth == 1 && raw[i..].starts_with(quoted) && is_key() {
+                    return Some(i);
+                }
+                in_string = true;
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return None;
+                }
+            }
+            _ => {}
+        }
     }
     None
 }
@@ -844,10 +973,6 @@ fn without_null_usage(raw: &[u8]) -> Vec<u8> {
         Some((a, b)) => [&raw[..a], &raw[b..]].concat(),
         None => raw.to_vec(),
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]

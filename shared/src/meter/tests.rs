@@ -138,6 +138,8 @@ fn run_with(meter: &Rc<Meter>, ex: Exchange<'_>, mut state: FakeFilterState) -> 
             route_name: Some("llm".into()),
         },
     );
+    // As the filter's timer tick does: counters reach the host on a flush.
+    meter.registry.borrow_mut().flush(&mut metrics);
     Run {
         state,
         metrics,
@@ -560,7 +562,7 @@ fn errors_are_never_usage() {
 fn a_cut_stream_is_estimated_from_what_was_seen() {
     let stream = chat_stream_with_usage();
     // Cut before the usage chunk: the text seen is "w0 w1 " (6 bytes, 2 tokens).
-    let cut = stream.windows(7).position(|w| w == b"\"stop\"}").unwrap();
+    let cut = memchr::memmem::find(&stream, b"\"stop\"}").unwrap();
     let r = run(
         &meter(""),
         Exchange {
@@ -614,9 +616,7 @@ fn nothing_seen_is_none_not_zero() {
 
 #[test]
 fn reads_gzip_responses_without_changing_them() {
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(CHAT_JSON.as_bytes()).unwrap();
-    let gz = gz.finish().unwrap();
+    let gz = gzip(CHAT_JSON.as_bytes());
     let r = run(
         &meter(""),
         Exchange {
@@ -633,6 +633,84 @@ fn reads_gzip_responses_without_changing_them() {
         tokens(&r.line()),
         (3.into(), 2.into(), 1.into(), "provider".into())
     );
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+fn gzipped(content_type: &'static str, body: Vec<u8>, chunk: usize) -> Exchange<'static> {
+    Exchange {
+        response_headers: vec![("content-type", content_type), ("content-encoding", "gzip")],
+        chunks: body.chunks(chunk).map(<[u8]>::to_vec).collect(),
+        ..Exchange::default()
+    }
+}
+
+#[test]
+fn compressed_bodies_are_read_within_bounds() {
+    // A JSON answer whose usage follows 64 MiB of whitespace, gzipped to ~64 KiB.
+    let (head, usage) = CHAT_JSON.split_at(CHAT_JSON.find(",\"usage\"").unwrap());
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(head.as_bytes()).unwrap();
+    let spaces = vec![b' '; 1 << 20];
+    for _ in 0..64 {
+        enc.write_all(&spaces).unwrap();
+    }
+    enc.write_all(usage.as_bytes()).unwrap();
+    let bomb = enc.finish().unwrap();
+
+    // An SSE stream in two gzip members, the usage in the second.
+    let stream = chat_stream_with_usage();
+    let at = memchr::memmem::find(&stream, b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[],").unwrap();
+    let two_members = [gzip(&stream[..at]), gzip(&stream[at..])].concat();
+
+    // A JSON answer whose compressed bytes go bad after the usage.
+    let mut corrupt = gzip(CHAT_JSON.as_bytes());
+    corrupt.truncate(corrupt.len() - 4);
+    corrupt.extend_from_slice(b"not a gzip member");
+
+    // The request's estimate: 17 bytes of prompt (plus the role) by the 4-bytes rule.
+    let estimated: (serde_json::Value, serde_json::Value) = (5.into(), "estimated".into());
+    let cases: Vec<(
+        &str,
+        Exchange<'static>,
+        (serde_json::Value, serde_json::Value),
+    )> = vec![
+        (
+            "bomb, one chunk",
+            gzipped("application/json", bomb.clone(), usize::MAX),
+            estimated.clone(),
+        ),
+        (
+            "bomb, 1 KiB chunks",
+            gzipped("application/json", bomb.clone(), 1024),
+            estimated,
+        ),
+        (
+            "two members",
+            gzipped("text/event-stream", two_members.clone(), 7),
+            (3.into(), "provider".into()),
+        ),
+        (
+            "corrupt after the usage",
+            gzipped("application/json", corrupt.clone(), 5),
+            (3.into(), "provider".into()),
+        ),
+    ];
+    for (name, ex, (input, source)) in cases {
+        let sent = ex.chunks.concat();
+        let r = run(&meter(""), ex);
+        assert_eq!(
+            r.client_body, sent,
+            "{name}: the client gets the bytes untouched"
+        );
+        let line = r.line();
+        assert_eq!(line["usage_source"], source, "{name}: {line}");
+        assert_eq!(line["input_tokens"], input, "{name}: {line}");
+    }
 }
 
 #[test]
@@ -685,6 +763,29 @@ fn strips_null_usage_members() {
             r#"data: {"usage":{"x":null}}"#,
             r#"data: {"usage":{"x":null}}"#,
         ),
+        // A nested `"usage":null` (a tool's argument object, a provider's
+        // extension) is the provider's, not the meter's: only the top-level
+        // member goes.
+        (
+            r#"data: {"x":{"usage":null},"usage":null}"#,
+            r#"data: {"x":{"usage":null}}"#,
+        ),
+        (
+            r#"data: {"choices":[{"delta":{"usage":null}}],"a":1,"usage":null}"#,
+            r#"data: {"choices":[{"delta":{"usage":null}}],"a":1}"#,
+        ),
+        (
+            r#"data: {"a":"usage","usage":null}"#,
+            r#"data: {"a":"usage"}"#,
+        ),
+        (
+            r#"data: {"x":{"usage":null},"a":1}"#,
+            r#"data: {"x":{"usage":null},"a":1}"#,
+        ),
+        (
+            r#"data: {"k\"":"{\"usage\":null","usage":null}"#,
+            r#"data: {"k\"":"{\"usage\":null"}"#,
+        ),
     ];
     for (raw, want) in cases {
         assert_eq!(
@@ -709,6 +810,11 @@ fn rejects_bad_configuration_with_field_and_reason() {
             "lower-case",
         ),
         (r#"{"max_event_bytes":10}"#, "max_event_bytes", "outside"),
+        (
+            r#"{"max_inflated_bytes":100}"#,
+            "max_inflated_bytes",
+            "outside",
+        ),
         (
             r#"{"max_request_body_bytes":1}"#,
             "max_request_body_bytes",
@@ -815,4 +921,41 @@ fn a_model_another_filter_read_elsewhere_is_the_model_requested() {
         state,
     );
     assert_eq!(r.line()["model_requested"], "fast");
+}
+
+#[test]
+fn usage_is_published_when_the_answer_ends_before_any_log_phase() {
+    let meter = meter("");
+    let clock = FakeClock::at(1_000);
+    let mut state = FakeFilterState::default();
+    let mut metrics = FakeMetrics::default();
+    let mut shared = crate::boundary::FakeSharedData::default();
+    let mut callouts = crate::boundary::FakeCallouts::default();
+    let mut env = Env {
+        clock: &clock,
+        state: &mut state,
+        metrics: &mut metrics,
+        shared: &mut shared,
+        callouts: &mut callouts,
+    };
+    let mut stage = MeterStage::new(Rc::clone(&meter));
+    let mut headers = Headers::new(vec![
+        (":method".into(), "POST".into()),
+        (":path".into(), "/v1/chat/completions".into()),
+    ]);
+    stage.request_headers(&mut env, &mut headers, false);
+    let mut body = RequestBody::new(br#"{"model":"gpt-4o","messages":[]}"#.to_vec());
+    stage.request_body(&mut env, &mut body, &mut headers);
+    let mut rh = Headers::new(vec![
+        (":status".into(), "200".into()),
+        ("content-type".into(), "application/json".into()),
+    ]);
+    stage.response_headers(&mut env, &mut rh, false);
+    let mut chunk = Chunk::new(CHAT_JSON.as_bytes().to_vec());
+    stage.response_body(&mut env, &mut chunk, true);
+    let usage = facts::usage(env.state).expect("published at the end of the answer");
+    assert_eq!(usage.input_tokens, Some(3));
+    // The log phase uses the same record and does not write the fact again.
+    stage.log(&mut env, &LogInput::default());
+    assert!(state.refused.is_empty(), "{:?}", state.refused);
 }

@@ -678,3 +678,29 @@ mod never_panics {
         }
     }
 }
+
+#[test]
+fn in_the_bundle_the_meter_logs_what_the_router_decided() {
+    use crate::bundle::Bundle;
+    let config = json!({
+        "token_meter": {},
+        "model_router": serde_json::from_str::<Value>(CONFIG).unwrap(),
+    });
+    let bundle = Rc::new(Bundle::from_config(config.to_string().as_bytes()).unwrap());
+    let mut host = Host::default();
+    let mut chain = Bundle::stage(&bundle);
+    let answer = br#"{"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}"#;
+    let ex = Exchange::post("/v1/chat/completions", &chat("fast", "hi")).answer(
+        200,
+        "application/json",
+        vec![answer.to_vec()],
+    );
+    let out = host.run(&mut chain, &ex, &mut no_service);
+    assert_eq!(sent_json(&out)["model"], "gpt-4o-mini");
+    let line: Value = serde_json::from_str(out.state.text(facts::ACCESS_LOG).unwrap()).unwrap();
+    assert_eq!(line["model_requested"], "fast", "{line}");
+    assert_eq!(line["model"], "gpt-4o-mini", "{line}");
+    assert_eq!(line["route"], "small", "{line}");
+    assert_eq!(line["route_reason"], "alias:fast", "{line}");
+    assert_eq!(line["input_tokens"], 3, "{line}");
+}

@@ -3,9 +3,12 @@
 //! The path is the one fact every filter has before any body arrives, and the
 //! providers are told apart by it: OpenAI and the servers that copy it
 //! (vLLM, Ollama, llama.cpp) under `/v1/...`, Azure OpenAI under
-//! `/openai/deployments/{deployment}/...`, Anthropic at `/v1/messages`.
-//! Matching is on the path's tail so that a prefix a platform adds
-//! (`/llm/v1/chat/completions`) does not hide the API.
+//! `/openai/deployments/{deployment}/...` and `/openai/v1/...`, Anthropic at
+//! `/v1/messages`. Matching is on the path's tail, `v1` and the operation's
+//! segments exactly, so that a prefix a platform adds
+//! (`/llm/v1/chat/completions`) does not hide the API, and an API whose path
+//! merely ends the same way (Assistants' `/v1/threads/{id}/messages`) is not
+//! metered as an LLM call.
 
 /// The operation a request asks for; it decides how its body and usage read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,21 +81,37 @@ pub fn classify(method: &str, path: &str) -> Option<Api> {
         });
     }
 
-    let table: [(&str, Operation, Family); 5] = [
-        ("/chat/completions", Operation::Chat, Family::OpenAi),
-        ("/completions", Operation::Completions, Family::OpenAi),
-        ("/responses", Operation::Responses, Family::OpenAi),
-        ("/embeddings", Operation::Embeddings, Family::OpenAi),
-        ("/messages", Operation::Messages, Family::Anthropic),
+    // The operation is the path's last segments, right after a `v1`
+    // segment: anything else ending the same way is another API (Assistants'
+    // `/v1/threads/{id}/messages`, `/v1/messages/count_tokens`, a stored
+    // completion's `/v1/chat/completions/{id}`) and is not an LLM call.
+    let table: [(&[&str], Operation); 5] = [
+        (&["chat", "completions"], Operation::Chat),
+        (&["completions"], Operation::Completions),
+        (&["responses"], Operation::Responses),
+        (&["embeddings"], Operation::Embeddings),
+        (&["messages"], Operation::Messages),
     ];
-    table
-        .iter()
-        .find(|(tail, _, _)| path.ends_with(tail))
-        .map(|&(_, operation, family)| Api {
+    // The last four segments, last first ("" where the path has fewer).
+    let mut rev = path.rsplit('/');
+    let last: [&str; 4] = std::array::from_fn(|_| rev.next().unwrap_or(""));
+    table.iter().find_map(|&(tail, operation)| {
+        let n = tail.len();
+        if last[n] != "v1" || !tail.iter().rev().eq(last[..n].iter()) {
+            return None;
+        }
+        let family = match operation {
+            Operation::Messages => Family::Anthropic,
+            // Azure's v1 API (`/openai/v1/...`) names the model in the body.
+            _ if last.get(n + 1) == Some(&"openai") => Family::Azure,
+            _ => Family::OpenAi,
+        };
+        Some(Api {
             operation,
             family,
             deployment: None,
         })
+    })
 }
 
 #[cfg(test)]
@@ -136,6 +155,48 @@ mod tests {
             ("GET", "/v1/models", None),
             ("POST", "/v1/audio/speech", None),
             ("POST", "", None),
+            // Look-alikes: other APIs whose paths end like an LLM call's.
+            ("POST", "/v1/threads/t/messages", None),
+            ("POST", "/v1/threads/thread_abc/messages/", None),
+            ("POST", "/llm/v1/threads/t/messages", None),
+            ("GET", "/v1/chat/completions/chatcmpl-1", None),
+            ("POST", "/v1/chat/completions/chatcmpl-1", None),
+            ("GET", "/v1/chat/completions/chatcmpl-1/messages", None),
+            ("GET", "/v1/responses/resp_1", None),
+            ("POST", "/v1/responses/resp_1/cancel", None),
+            ("GET", "/v1/responses/resp_1/input_items", None),
+            ("POST", "/v1/messages/count_tokens", None),
+            ("POST", "/v1/messages/batches", None),
+            ("POST", "/v1/fine_tuning/jobs/x/completions", None),
+            ("POST", "/api/embeddings", None),
+            ("POST", "/chat/completions/v1/messages/x", None),
+            // Prefixes users put in front of the real paths.
+            (
+                "POST",
+                "/llm/v1/messages",
+                Some((Messages, Anthropic, None)),
+            ),
+            (
+                "POST",
+                "/team-a/llm/v1/embeddings",
+                Some((Embeddings, OpenAi, None)),
+            ),
+            // Azure's v1 API: the model is in the body, as with OpenAI.
+            (
+                "POST",
+                "/openai/v1/chat/completions",
+                Some((Chat, Azure, None)),
+            ),
+            (
+                "POST",
+                "/openai/v1/responses?api-version=preview",
+                Some((Responses, Azure, None)),
+            ),
+            (
+                "POST",
+                "/openai/v1/embeddings",
+                Some((Embeddings, Azure, None)),
+            ),
         ];
         for (method, path, want) in cases {
             let got = classify(method, path).map(|a| (a.operation, a.family, a.deployment));

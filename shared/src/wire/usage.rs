@@ -36,12 +36,18 @@ impl UsageSource {
     }
 }
 
-/// The usage of one request. Cached input is a part of input, reasoning a part of output.
+/// The usage of one request. Cached input (read from a prompt cache) and
+/// cache-write input (written to one) are parts of input, reasoning a part
+/// of output.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
     pub cached_input_tokens: Option<u64>,
+    /// Anthropic's `cache_creation_input_tokens`; `None` where the provider
+    /// does not report it. Absent in the JSON of older writers.
+    #[serde(default)]
+    pub cache_write_input_tokens: Option<u64>,
     pub reasoning_tokens: Option<u64>,
     pub source: UsageSource,
 }
@@ -131,15 +137,16 @@ impl Observed {
     /// `input_tokens + cache_creation_input_tokens + cache_read_input_tokens`
     /// and cached input is the cache reads.
     fn provider_usage(&self, family: Family, operation: Operation) -> Usage {
-        let (input, cached) = match family {
+        let (input, cached, written) = match family {
             Family::Anthropic => (
                 self.prompt.map(|p| {
                     p.saturating_add(self.cache_creation.unwrap_or(0))
                         .saturating_add(self.cache_read.unwrap_or(0))
                 }),
                 self.cache_read,
+                self.cache_creation,
             ),
-            Family::OpenAi | Family::Azure => (self.prompt, self.cached),
+            Family::OpenAi | Family::Azure => (self.prompt, self.cached, None),
         };
         // Embeddings produce no output tokens; that zero is a fact, not a guess.
         let output = match operation {
@@ -150,6 +157,7 @@ impl Observed {
             input_tokens: input,
             output_tokens: output,
             cached_input_tokens: cached,
+            cache_write_input_tokens: written,
             reasoning_tokens: self.reasoning,
             source: UsageSource::Provider,
         }
@@ -189,6 +197,7 @@ impl Observed {
             input_tokens: input,
             output_tokens: output,
             cached_input_tokens: reported.cached_input_tokens,
+            cache_write_input_tokens: reported.cache_write_input_tokens,
             reasoning_tokens: reported.reasoning_tokens,
             source: UsageSource::Estimated,
         }
@@ -214,6 +223,7 @@ mod tests {
             input_tokens: Some(i),
             output_tokens: Some(o),
             cached_input_tokens: c,
+            cache_write_input_tokens: None,
             reasoning_tokens: r,
             source: s,
         }
@@ -262,7 +272,10 @@ mod tests {
                     r#"{"output_tokens":9}"#,
                     r#"{"output_tokens":12}"#,
                 ],
-                usage(10, 12, Some(3), None, Provider),
+                Usage {
+                    cache_write_input_tokens: Some(2),
+                    ..usage(10, 12, Some(3), None, Provider)
+                },
             ),
             // vLLM running totals: the last one wins, never a sum.
             (

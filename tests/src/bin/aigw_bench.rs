@@ -1,14 +1,20 @@
 //! `aigw-bench`: what the filters cost, against bare Envoy.
 //!
-//! For each variant (bare Envoy, each filter gateway.yaml chains alone, the
-//! gateway as shipped, all five modules chained) and each request shape (a ~1 KiB chat request answered as JSON,
-//! the same asked as a stream), it starts Envoy with one worker in front of the
-//! mock LLM, keeps `--connections` keep-alive connections busy for
-//! `--seconds`, and reports requests per second, latency percentiles and
-//! Envoy's own CPU time per request (from /proc, so the load generator and
-//! the mock, which share the machine, do not count). Run by scripts/bench.sh.
+//! Rows: bare Envoy; each filter of `envoy/gateway.yaml` alone; `chain`, the
+//! separate modules as gateway.yaml chains them; `bundle`, the same gateway
+//! as one module (`envoy/gateway-bundle.yaml`); `bundle-hit`, a request the
+//! prompt cache answers; and `long-stream` rows, a streamed answer of 500
+//! events. Each prompt is distinct (a counter in the user message), so a
+//! cache lookup misses, except in the `hit` row. For each row it starts
+//! Envoy with one worker in front of the mock LLM, keeps `--connections`
+//! keep-alive connections busy for `--seconds`, and reports requests per
+//! second, latency percentiles and Envoy's own CPU time per request (from
+//! /proc, so the load generator and the mock, which share the machine, do
+//! not count). After the table: p99 latency at a fixed moderate rate (open
+//! loop), Envoy's memory at `--concurrency 2`, and the module sizes. Run by
+//! scripts/bench.sh.
 
-use aigw_tests::harness::{root, Envoy};
+use aigw_tests::harness::{bare, root, Envoy};
 use aigw_tests::mock::MockLlm;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,6 +25,10 @@ struct Opts {
     seconds: u64,
     connections: usize,
     repeat: u64,
+    /// Count Envoy's instructions per request under callgrind (this many
+    /// requests per row) instead of timing it: slow, but the same count on
+    /// a busy machine as on an idle one.
+    instructions: u64,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -26,6 +36,7 @@ fn parse_opts() -> Result<Opts, String> {
         seconds: 5,
         connections: 4,
         repeat: 3,
+        instructions: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -38,6 +49,7 @@ fn parse_opts() -> Result<Opts, String> {
             "--seconds" => opts.seconds = value("--seconds")?,
             "--connections" => opts.connections = value("--connections")? as usize,
             "--repeat" => opts.repeat = value("--repeat")?,
+            "--instructions" => opts.instructions = value("--instructions")?,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -45,75 +57,6 @@ fn parse_opts() -> Result<Opts, String> {
         return Err("--seconds, --connections and --repeat must be at least 1".into());
     }
     Ok(opts)
-}
-
-const FILTER_START: &str = "          - name: aigw.token_meter\n";
-const ROUTER: &str = "          - name: envoy.filters.http.router\n";
-
-/// gateway.yaml without its wasm filters.
-fn bare(yaml: &str) -> Result<String, String> {
-    let start = yaml
-        .find(FILTER_START)
-        .ok_or("no token-meter filter in gateway.yaml")?;
-    let end = yaml.find(ROUTER).ok_or("no router in gateway.yaml")?;
-    Ok(format!("{}{}", &yaml[..start], &yaml[end..]))
-}
-
-/// One wasm filter of gateway.yaml alone (its block, as shipped) in front of the router.
-fn alone(yaml: &str, filter: &str) -> Result<String, String> {
-    let head = format!("          - name: {filter}\n");
-    let start = yaml
-        .find(&head)
-        .ok_or_else(|| format!("no {filter} filter in gateway.yaml"))?;
-    let after = start + head.len();
-    let end = after
-        + yaml[after..]
-            .find("          - name: ")
-            .ok_or("no filter after it in gateway.yaml")?;
-    let without = bare(yaml)?;
-    let at = without.find(ROUTER).ok_or("no router in gateway.yaml")?;
-    Ok(format!(
-        "{}{}{}",
-        &without[..at],
-        &yaml[start..end],
-        &without[at..]
-    ))
-}
-
-/// gateway.yaml with the modules it does not chain yet (pass-through
-/// shells) added above the meter, so that all five run.
-fn all_five(yaml: &str) -> Result<String, String> {
-    let start = yaml
-        .find(FILTER_START)
-        .ok_or("no token-meter filter in gateway.yaml")?;
-    let mut extra = String::new();
-    for name in [
-        "content-screen",
-        "rate-limit",
-        "prompt-cache",
-        "model-router",
-    ] {
-        let under = name.replace('-', "_");
-        if yaml.contains(&format!("          - name: aigw.{under}\n")) {
-            continue;
-        }
-        extra.push_str(&format!(
-            "          - name: aigw.{under}
-            typed_config:
-              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
-              config:
-                name: {name}
-                failure_policy: FAIL_RELOAD
-                vm_config:
-                  vm_id: aigw-{name}
-                  runtime: envoy.wasm.runtime.v8
-                  code:
-                    local: {{ filename: target/wasm/{name}.wasm }}  # aigw:wasm_dir
-",
-            under = name.replace('-', "_")
-        ));
-    }
-    Ok(format!("{}{extra}{}", &yaml[..start], &yaml[start..]))
 }
 
 /// Pins every thread of a process to the given CPUs, so that Envoy has a
@@ -198,12 +141,12 @@ struct Result_ {
     cpu_us_per_request: f64,
 }
 
-fn load(addr: SocketAddr, pid: u32, request: &[u8], opts: &Opts) -> Result<Result_, String> {
-    // Warm up: VMs, connections, caches.
+fn load(addr: SocketAddr, pid: u32, answer: Answer, opts: &Opts) -> Result<Result_, String> {
+    // Warm up: VMs, connections, caches (and, for the hit row, the entry).
     {
         let mut r = BufReader::new(TcpStream::connect(addr).map_err(|e| e.to_string())?);
-        for _ in 0..200 {
-            if exchange(&mut r, request)? != 200 {
+        for i in 0..200 {
+            if exchange(&mut r, &request(answer, u64::MAX - i))? != 200 {
                 return Err("warm-up request failed".into());
             }
         }
@@ -211,17 +154,19 @@ fn load(addr: SocketAddr, pid: u32, request: &[u8], opts: &Opts) -> Result<Resul
     let cpu_before = cpu_time(pid)?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(opts.seconds);
-    let workers: Vec<_> = (0..opts.connections)
-        .map(|_| {
-            let request = request.to_vec();
+    let workers: Vec<_> = (0..opts.connections as u64)
+        .map(|w| {
             std::thread::spawn(move || -> Result<Vec<Duration>, String> {
                 let stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
                 stream.set_nodelay(true).map_err(|e| e.to_string())?;
                 let mut r = BufReader::new(stream);
                 let mut latencies = Vec::new();
+                let mut i = w << 40;
                 while Instant::now() < deadline {
+                    let req = request(answer, i);
+                    i += 1;
                     let t = Instant::now();
-                    if exchange(&mut r, &request)? != 200 {
+                    if exchange(&mut r, &req)? != 200 {
                         return Err("a request failed under load".into());
                     }
                     latencies.push(t.elapsed());
@@ -237,51 +182,287 @@ fn load(addr: SocketAddr, pid: u32, request: &[u8], opts: &Opts) -> Result<Resul
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_time(pid)?.saturating_sub(cpu_before);
     latencies.sort_unstable();
-    let pct = |p: f64| {
-        let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
-        latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
     let n = latencies.len() as u64;
     Ok(Result_ {
         requests: n,
         rps: n as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
         cpu_us_per_request: cpu.as_micros() as f64 / n.max(1) as f64,
     })
 }
 
-fn request(stream: bool) -> Vec<u8> {
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// p99 latency at a fixed rate: each of 8 connections sends on a schedule,
+/// and a request's latency counts from when it was due, so a slow answer
+/// that delays the next request is not hidden.
+fn open_loop(addr: SocketAddr, rate: u64, seconds: u64) -> Result<f64, String> {
+    let conns = 8u64;
+    let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let started = Instant::now() + Duration::from_millis(50);
+    let total = rate * seconds / conns;
+    let workers: Vec<_> = (0..conns)
+        .map(|w| {
+            std::thread::spawn(move || -> Result<Vec<Duration>, String> {
+                let stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+                stream.set_nodelay(true).map_err(|e| e.to_string())?;
+                let mut r = BufReader::new(stream);
+                let offset = interval.mul_f64(w as f64 / conns as f64);
+                let mut latencies = Vec::new();
+                for i in 0..total {
+                    let due = started + offset + interval * i as u32;
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if exchange(&mut r, &request(Answer::Json, (w << 40) + i))? != 200 {
+                        return Err("a request failed under open-loop load".into());
+                    }
+                    latencies.push(due.elapsed());
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for w in workers {
+        latencies.extend(w.join().map_err(|_| "a load thread died")??);
+    }
+    latencies.sort_unstable();
+    Ok(percentile(&latencies, 0.99))
+}
+
+/// Envoy's resident memory, from /proc.
+fn rss_mib(pid: u32) -> Result<f64, String> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or("no VmRSS")?;
+    Ok(kib / 1024.0)
+}
+
+/// Envoy's instructions per request, counted by callgrind over `n`
+/// requests on one keep-alive connection after a warm-up.
+fn instructions(
+    envoy: &Envoy,
+    request: &[u8],
+    n: u64,
+    dir: &std::path::Path,
+) -> Result<f64, String> {
+    let mut r = BufReader::new(TcpStream::connect(envoy.addr()).map_err(|e| e.to_string())?);
+    // Long enough for V8 to have compiled the module's hot code: its
+    // compiler's instructions would otherwise count against the requests.
+    for _ in 0..300 {
+        if exchange(&mut r, request)? != 200 {
+            return Err("warm-up request failed".into());
+        }
+    }
+    let control = |arg: &str| {
+        std::process::Command::new("callgrind_control")
+            .args([arg, &envoy.pid().to_string()])
+            .output()
+            .map_err(|e| format!("callgrind_control: {e}"))
+    };
+    control("-z")?;
+    for _ in 0..n {
+        if exchange(&mut r, request)? != 200 {
+            return Err("a request failed".into());
+        }
+    }
+    control("-d")?;
+    // The newest dump holds the counts since the zeroing.
+    let newest = std::fs::read_dir(dir)
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|f| f.to_string_lossy().contains("cg."))
+        })
+        .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+        .ok_or("no callgrind dump")?;
+    let text = std::fs::read_to_string(&newest).map_err(|e| e.to_string())?;
+    let total: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("totals: ")
+                .or_else(|| l.strip_prefix("summary: "))
+        })
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or("no totals in the callgrind dump")?;
+    Ok(total as f64 / n as f64)
+}
+
+fn count_instructions(
+    variants: &[(&str, String)],
+    mock: &MockLlm,
+    opts: &Opts,
+) -> Result<(), String> {
+    println!(
+        "Envoy's instructions per request (callgrind, {} requests per row after a warm-up, 1 keep-alive connection, 1 worker)\n",
+        opts.instructions
+    );
+    println!(
+        "{:<13} {:<7} {:>14} {:>9}",
+        "variant", "answer", "instr/req", "instr x"
+    );
+    for (answer, shape) in [(Answer::Json, "json"), (Answer::Stream, "stream")] {
+        let req = request(answer, 0);
+        let mut base = None;
+        for (name, yaml) in variants {
+            let dir = aigw_tests::harness::Scratch::new("callgrind").map_err(|e| e.to_string())?;
+            std::env::set_var(
+                "AIGW_ENVOY_WRAPPER",
+                format!(
+                    "valgrind --tool=callgrind --smc-check=all-non-file --callgrind-out-file={}/cg.%p",
+                    dir.path().display()
+                ),
+            );
+            let envoy = Envoy::start_text(yaml, mock.addr());
+            std::env::remove_var("AIGW_ENVOY_WRAPPER");
+            let envoy = envoy?;
+            let per = instructions(&envoy, &req, opts.instructions, dir.path())?;
+            let b = *base.get_or_insert(per);
+            println!("{:<13} {:<7} {:>14.0} {:>9.2}", name, shape, per, per / b);
+        }
+    }
+    Ok(())
+}
+
+/// What a row's requests ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// A ~1 KiB chat request, answered as JSON.
+    Json,
+    /// The same, asked as a stream (5 events).
+    Stream,
+    /// The same prompt every time: the prompt cache answers it.
+    Hit,
+    /// A stream of 500 events.
+    Long,
+}
+
+impl Answer {
+    fn name(self) -> &'static str {
+        match self {
+            Answer::Json => "json",
+            Answer::Stream => "stream",
+            Answer::Hit => "hit",
+            Answer::Long => "500 ev",
+        }
+    }
+}
+
+/// Request `n` of a row: each prompt is distinct (so a cache misses), but
+/// for the `hit` row.
+fn request(answer: Answer, n: u64) -> Vec<u8> {
     // About 1 KiB of JSON, like a short chat turn with a system prompt.
     let system = "You are a helpful assistant. ".repeat(20);
+    let user = match answer {
+        Answer::Hit => "Summarise the plot of a short story in three sentences.".to_string(),
+        _ => format!("Summarise the plot of short story number {n} in three sentences."),
+    };
+    let stream = matches!(answer, Answer::Stream | Answer::Long);
     let body = serde_json::json!({
         "model": "gpt-4o",
         "stream": stream,
         "messages": [
             {"role": "system", "content": system},
-            {"role": "user", "content": "Summarise the plot of a short story in three sentences."}
+            {"role": "user", "content": user}
         ]
     })
     .to_string();
+    let extra = if answer == Answer::Long {
+        "x-mock-chunks: 500\r\n"
+    } else {
+        ""
+    };
     format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\nx-aigw-consumer: bench\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\nx-aigw-consumer: bench\r\n{extra}content-length: {}\r\n\r\n{body}",
         body.len()
     )
     .into_bytes()
+}
+
+/// The wasm filter blocks of a gateway YAML, by the filter's name.
+fn filter_names(yaml: &str) -> Vec<String> {
+    yaml.lines()
+        .filter_map(|l| l.strip_prefix("                name: "))
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+/// The gateway YAML with only the named wasm filter left in its chain.
+fn only(yaml: &str, keep: &str) -> String {
+    let mut out = String::with_capacity(yaml.len());
+    let mut block = String::new();
+    let mut in_chain = false;
+    let flush = |block: &mut String, out: &mut String| {
+        let name = filter_names(block);
+        if name.is_empty() || name.iter().any(|n| n == keep) {
+            out.push_str(block);
+        }
+        block.clear();
+    };
+    for line in yaml.split_inclusive('\n') {
+        if line.starts_with("          - name: ") {
+            flush(&mut block, &mut out);
+            in_chain = true;
+        } else if in_chain && !line.starts_with("            ") {
+            flush(&mut block, &mut out);
+            in_chain = false;
+        }
+        if in_chain {
+            block.push_str(line);
+        } else {
+            out.push_str(line);
+        }
+    }
+    flush(&mut block, &mut out);
+    out
 }
 
 fn run() -> Result<(), String> {
     let opts = parse_opts()?;
     let gateway =
         std::fs::read_to_string(root().join("envoy/gateway.yaml")).map_err(|e| e.to_string())?;
-    let variants = [
-        ("bare envoy", bare(&gateway)?),
-        ("token-meter", alone(&gateway, "aigw.token_meter")?),
-        ("model-router", alone(&gateway, "aigw.model_router")?),
-        ("gateway", gateway.clone()),
-        ("5 modules", all_five(&gateway)?),
-    ];
+    let bundle = std::fs::read_to_string(root().join("envoy/gateway-bundle.yaml"))
+        .map_err(|e| e.to_string())?;
+    let bare_yaml = bare(&gateway)?;
+    use Answer::*;
+    let mut rows: Vec<(String, String, Vec<Answer>)> = vec![(
+        "bare envoy".into(),
+        bare_yaml.clone(),
+        vec![Json, Stream, Long],
+    )];
+    for name in filter_names(&gateway) {
+        let answers = if name == "token-meter" || name == "content-screen" {
+            vec![Json, Stream]
+        } else {
+            vec![Json]
+        };
+        rows.push((name.clone(), only(&gateway, &name), answers));
+    }
+    rows.push(("chain".into(), gateway.clone(), vec![Json, Stream]));
+    rows.push(("bundle".into(), bundle.clone(), vec![Json, Stream, Long]));
+    if filter_names(&gateway).iter().any(|n| n == "prompt-cache") {
+        rows.push(("bundle-hit".into(), bundle.clone(), vec![Hit]));
+    }
     let mock = MockLlm::start().map_err(|e| e.to_string())?;
+    if opts.instructions > 0 {
+        let variants: Vec<(&str, String)> = rows
+            .iter()
+            .filter(|(_, _, a)| a.contains(&Json))
+            .map(|(n, y, _)| (n.as_str(), y.clone()))
+            .collect();
+        return count_instructions(&variants, &mock, &opts);
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = cores >= 2 && pin(std::process::id(), "0");
     println!(
@@ -292,7 +473,7 @@ fn run() -> Result<(), String> {
         if pinned { " pinned to CPU 1 (load and mock on CPU 0)" } else { " (not pinned)" }
     );
     println!(
-        "{:<13} {:<7} {:>9} {:>9} {:>8} {:>8} {:>12} {:>9} {:>9}",
+        "{:<18} {:<7} {:>9} {:>9} {:>8} {:>8} {:>12} {:>9} {:>9}",
         "variant",
         "answer",
         "requests",
@@ -303,17 +484,28 @@ fn run() -> Result<(), String> {
         "CPU x",
         "req/s x"
     );
-    for (stream, shape) in [(false, "json"), (true, "stream")] {
-        let req = request(stream);
+    let mut per_event = Vec::new();
+    for answer in [Json, Stream, Hit, Long] {
+        if !rows[1..].iter().any(|(_, _, a)| a.contains(&answer)) {
+            continue;
+        }
+        // A hit is compared with bare Envoy proxying the same request upstream.
         let mut base: Option<(f64, f64)> = None;
-        for (name, yaml) in &variants {
+        for (name, yaml, answers) in &rows {
+            let measured = if name == "bare envoy" && answer == Hit {
+                Json
+            } else if answers.contains(&answer) {
+                answer
+            } else {
+                continue;
+            };
             let envoy = Envoy::start_text(yaml, mock.addr())?;
             if pinned {
                 pin(envoy.pid(), "1");
             }
             let mut best: Option<Result_> = None;
             for _ in 0..opts.repeat {
-                let r = load(envoy.addr(), envoy.pid(), &req, &opts)?;
+                let r = load(envoy.addr(), envoy.pid(), measured, &opts)?;
                 if best
                     .as_ref()
                     .is_none_or(|b| r.cpu_us_per_request < b.cpu_us_per_request)
@@ -323,10 +515,21 @@ fn run() -> Result<(), String> {
             }
             let r = best.ok_or("no run")?;
             let (cpu0, rps0) = *base.get_or_insert((r.cpu_us_per_request, r.rps));
+            let label = if answer == Long {
+                format!(
+                    "long-stream {}",
+                    if name == "bare envoy" { "bare" } else { name }
+                )
+            } else {
+                name.clone()
+            };
+            if answer == Long {
+                per_event.push((label.clone(), r.cpu_us_per_request / 500.0));
+            }
             println!(
-                "{:<13} {:<7} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>12.1} {:>9.2} {:>9.2}",
-                name,
-                shape,
+                "{:<18} {:<7} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>12.1} {:>9.2} {:>9.2}",
+                label,
+                measured.name(),
                 r.requests,
                 r.rps,
                 r.p50_ms,
@@ -338,7 +541,81 @@ fn run() -> Result<(), String> {
         }
     }
     println!("\nCPU µs/req is Envoy's own user+system time per request (from /proc).");
-    println!("CPU x and req/s x are ratios against bare Envoy for the same answer shape.");
+    println!("CPU x and req/s x are ratios against bare Envoy for the same answer (a hit against bare Envoy's json).");
+    if let [(_, bare_ev), rest @ ..] = per_event.as_slice() {
+        for (name, ev) in rest {
+            println!(
+                "Per event of a 500-event stream: {name} {ev:.2} µs, bare {bare_ev:.2} µs ({:.2}x).",
+                ev / bare_ev
+            );
+        }
+    }
+
+    // Latency at a fixed, moderate rate.
+    let rate = 1000;
+    let mut p99 = Vec::new();
+    for (name, yaml) in [("bare envoy", &bare_yaml), ("bundle", &bundle)] {
+        let envoy = Envoy::start_text(yaml, mock.addr())?;
+        if pinned {
+            pin(envoy.pid(), "1");
+        }
+        p99.push((name, open_loop(envoy.addr(), rate, opts.seconds.max(2))?));
+    }
+    println!(
+        "p99 at {rate} req/s (open loop, 8 connections): bare {:.2} ms, bundle {:.2} ms ({:.2}x).",
+        p99[0].1,
+        p99[1].1,
+        p99[1].1 / p99[0].1
+    );
+
+    // Memory with two workers, after a run of load.
+    std::env::set_var("AIGW_CONCURRENCY", "2");
+    let mut rss = Vec::new();
+    for (name, yaml) in [
+        ("bare envoy", &bare_yaml),
+        ("chain", &gateway),
+        ("bundle", &bundle),
+    ] {
+        let envoy = Envoy::start_text(yaml, mock.addr());
+        let envoy = match envoy {
+            Ok(e) => e,
+            Err(e) => {
+                std::env::remove_var("AIGW_CONCURRENCY");
+                return Err(e);
+            }
+        };
+        let short = Opts {
+            seconds: opts.seconds.min(3),
+            ..opts
+        };
+        load(envoy.addr(), envoy.pid(), Json, &short)?;
+        rss.push((name, rss_mib(envoy.pid())?));
+    }
+    std::env::remove_var("AIGW_CONCURRENCY");
+    let bare_rss = rss[0].1;
+    for (name, mib) in &rss {
+        println!(
+            "RSS with --concurrency 2 after load: {name} {mib:.1} MiB (+{:.1} MiB)",
+            mib - bare_rss
+        );
+    }
+    let mut sizes: Vec<(String, u64)> = std::fs::read_dir(aigw_tests::harness::wasm_dir())
+        .map_err(|e| e.to_string())?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "wasm"))
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().ok()?.len(),
+            ))
+        })
+        .collect();
+    sizes.sort();
+    let sizes: Vec<String> = sizes
+        .iter()
+        .map(|(n, b)| format!("{n} {} KiB", b / 1024))
+        .collect();
+    println!("Modules: {}.", sizes.join(", "));
     Ok(())
 }
 
