@@ -394,6 +394,9 @@ fn segment(v: &str) -> String {
 struct Read {
     facts: Option<RequestFacts>,
     shape: Option<Shape>,
+    /// The facts are another filter's `aigw.request`, whose writer wrote
+    /// `aigw.model_requested` with it.
+    published: bool,
 }
 
 impl RouterStage {
@@ -523,12 +526,12 @@ impl RouterStage {
         body: &mut RequestBody,
         model_hint: Option<&str>,
     ) -> Read {
-        let facts = match facts::request(env.state) {
+        let (facts, published) = match facts::request(env.state) {
             Some(f) => {
                 body.set_facts(f.clone());
-                Some(f)
+                (Some(f), true)
             }
-            None => body.facts().cloned(),
+            None => (body.facts().cloned(), false),
         };
         let model = facts
             .as_ref()
@@ -539,7 +542,11 @@ impl RouterStage {
         } else {
             None
         };
-        Read { facts, shape }
+        Read {
+            facts,
+            shape,
+            published,
+        }
     }
 
     /// Reads the body for routing, or the reply that refuses it.
@@ -552,6 +559,7 @@ impl RouterStage {
         let none = Read {
             facts: None,
             shape: None,
+            published: false,
         };
         if body.is_truncated() {
             if self.router.c.non_json == NonJson::Reject {
@@ -588,9 +596,16 @@ impl RouterStage {
         Ok(read)
     }
 
-    fn publish(&self, env: &mut Env<'_>, asked: Option<&str>, target: &Target, d: &Decision) {
+    fn publish(
+        &self,
+        env: &mut Env<'_>,
+        asked: Option<&str>,
+        written: bool,
+        target: &Target,
+        d: &Decision,
+    ) {
         let state = &mut *env.state;
-        if let Some(m) = asked {
+        if let Some(m) = asked.filter(|_| !written) {
             if state.get(facts::MODEL_REQUESTED).is_none() {
                 state.set(facts::MODEL_REQUESTED, m.as_bytes());
             }
@@ -641,6 +656,7 @@ impl RouterStage {
         let no_read = Read {
             facts: None,
             shape: None,
+            published: false,
         };
         let read = match body.as_deref_mut() {
             None => no_read,
@@ -723,7 +739,9 @@ impl RouterStage {
             }
             headers.set(name, value.clone());
         }
-        self.publish(env, asked.as_deref(), target, &decision);
+        // Whoever published the body's facts wrote the model it names.
+        let written = read.published && read.facts.as_ref().is_some_and(|f| f.model.is_some());
+        self.publish(env, asked.as_deref(), written, target, &decision);
         if router.c.map_response_model {
             if let (Some(a), Some(u)) = (asked.as_deref(), upstream) {
                 if a != u {
