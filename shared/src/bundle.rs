@@ -388,6 +388,14 @@ impl Stage for Chain {
     fn reads_own_reply(&self) -> bool {
         true
     }
+
+    fn reads_response(&self) -> bool {
+        self.stages.iter().any(|s| s.reads_response())
+    }
+
+    fn logs(&self) -> bool {
+        self.stages.iter().any(|s| s.logs())
+    }
 }
 
 /// The stages the bundle runs, in chain order: the field, the configuration
@@ -459,6 +467,8 @@ bundle! {
     screen: "content_screen" => crate::screen::Screen,
     rate_limit: "rate_limit" => crate::ratelimit::RateLimit,
     cache: "prompt_cache" => crate::cache::Cache,
+    // Last, right before Envoy's router, as in gateway.yaml.
+    router: "model_router" => crate::router::Router,
 }
 
 fn compile<F: Filter>(

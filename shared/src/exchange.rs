@@ -234,6 +234,9 @@ impl Run<'_> {
     }
 
     fn log(&mut self, stage: &mut dyn Stage, status: u16) {
+        if !stage.logs() {
+            return;
+        }
         let input = LogInput {
             request_id: Some("req-1".into()),
             status: Some(status),
@@ -296,6 +299,19 @@ impl Run<'_> {
         let mut pairs = vec![(":status".to_string(), ex.status.to_string())];
         pairs.extend(ex.response_headers.iter().cloned());
         let mut rh = Headers::new(pairs);
+        if !stage.reads_response() {
+            // As the host does: the response passes without the stage.
+            self.log(stage, ex.status);
+            return Outcome {
+                upstream: Some(upstream),
+                reply: None,
+                client_status: ex.status,
+                client_headers: rh,
+                client_body: ex.response_chunks.concat(),
+                callouts: Vec::new(),
+                state: FakeFilterState::default(),
+            };
+        }
         let header_only = ex.response_chunks.is_empty() && ex.complete && !ex.trailers;
         let s = step!(self, |env| stage.response_headers(
             env,

@@ -12,10 +12,14 @@
 //! |---|---|---|
 //! | `aigw.consumer` | UTF-8 id | the first filter that identifies the caller |
 //! | `aigw.request` | JSON [`RequestFacts`] | the first filter that parses the request body |
-//! | `aigw.model_requested` | UTF-8 | with `aigw.request` |
+//! | `aigw.model_requested` | UTF-8 | with `aigw.request`; model-router when none did (a model from an Azure path or a header) |
 //! | `aigw.model` | UTF-8 | model-router (routed), token-meter (as the provider answered) |
 //! | `aigw.provider` | UTF-8 | model-router, else token-meter |
-//! | `aigw.route` | UTF-8 | model-router |
+//! | `aigw.route` | UTF-8 target name | model-router |
+//! | `aigw.route_reason` | UTF-8: what chose the route (`rule:<name>`, `alias:<model>`, `auto:<tier>`, `default`, `missing_model`) | model-router |
+//! | `aigw.route_tier` | UTF-8 tier name (`auto` requests) | model-router |
+//! | `aigw.route_score` | decimal complexity score (`auto` requests) | model-router |
+//! | `aigw.model_response` | UTF-8, the model the upstream answered with, when model-router maps it back to the client's name | model-router |
 //! | `aigw.usage` | JSON [`Usage`] | token-meter |
 //! | `aigw.cache` | `hit` `miss` `bypass` `stale` `off` | prompt-cache |
 //! | `aigw.ratelimit` | `allow` `deny` `shadow_deny` `off` | rate-limit |
@@ -32,6 +36,10 @@ pub const MODEL_REQUESTED: &str = "aigw.model_requested";
 pub const MODEL: &str = "aigw.model";
 pub const PROVIDER: &str = "aigw.provider";
 pub const ROUTE: &str = "aigw.route";
+pub const ROUTE_REASON: &str = "aigw.route_reason";
+pub const ROUTE_TIER: &str = "aigw.route_tier";
+pub const ROUTE_SCORE: &str = "aigw.route_score";
+pub const MODEL_RESPONSE: &str = "aigw.model_response";
 pub const USAGE: &str = "aigw.usage";
 pub const CACHE: &str = "aigw.cache";
 pub const RATELIMIT: &str = "aigw.ratelimit";

@@ -309,6 +309,8 @@ pub struct StageHttp<S: Stage> {
     pending: Vec<u32>,
     /// The stage answered the request itself: its own reply is not its to read.
     replied: bool,
+    /// The stage does not read this response: it passes untouched.
+    passing_response: bool,
     /// Output of the last response callback, kept in Envoy's buffer (paused)
     /// because the stage still held bytes then.
     paused_output: Option<Vec<u8>>,
@@ -342,6 +344,7 @@ impl<S: Stage> StageHttp<S> {
             waiting: None,
             pending: Vec::new(),
             replied: false,
+            passing_response: false,
             paused_output: None,
         }
     }
@@ -729,6 +732,10 @@ impl<S: Stage> HttpContext for StageHttp<S> {
         if self.replied && !self.stage.reads_own_reply() {
             return Action::Continue;
         }
+        if !self.stage.reads_response() {
+            self.passing_response = true;
+            return Action::Continue;
+        }
         let mut headers =
             Headers::new(hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default());
         let mut tokens = Vec::new();
@@ -750,7 +757,7 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.replied && !self.stage.reads_own_reply() {
+        if (self.replied && !self.stage.reads_own_reply()) || self.passing_response {
             return Action::Continue;
         }
         if self.waiting.is_some() {
@@ -834,7 +841,7 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        if self.replied && !self.stage.reads_own_reply() {
+        if (self.replied && !self.stage.reads_own_reply()) || self.passing_response {
             return Action::Continue;
         }
         if self.reading_response_body {
@@ -874,6 +881,9 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     }
 
     fn on_log(&mut self) {
+        if !self.stage.logs() {
+            return;
+        }
         let input = LogInput {
             request_id: text_property(vec!["request", "id"]),
             status: int_property(vec!["response", "code"])

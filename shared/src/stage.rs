@@ -377,6 +377,19 @@ pub trait Stage {
         false
     }
 
+    /// Whether the stage looks at the response at all (asked when the
+    /// response starts). When false the shell passes it through without a
+    /// call into the stage and without copying headers out of the host.
+    fn reads_response(&self) -> bool {
+        true
+    }
+
+    /// Whether the stage has a log phase; when false the shell skips it and
+    /// the properties it would read for it.
+    fn logs(&self) -> bool {
+        true
+    }
+
     /// Whether the stage holds back response bytes that must still reach the
     /// client (a partial event it may rewrite, a window that may still hold a
     /// match). The shell then keeps the chunk in Envoy's buffer for one

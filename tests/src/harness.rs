@@ -514,22 +514,27 @@ pub fn with_floor(gateway_yaml: &str, step: &str) -> Result<String, String> {
 }
 
 /// `envoy/gateway.yaml` with the four other modules chained below the meter
-/// (the meter stays outermost), each with an empty configuration.
+/// (the meter stays outermost), each with an empty configuration; a module
+/// gateway.yaml already chains keeps its own block and configuration, and
+/// the others go in their DESIGN.md place around it.
 pub fn all_five(gateway_yaml: &str) -> Result<String, String> {
     if !gateway_yaml.contains(METER_FILTER) {
         return Err("no token-meter filter in gateway.yaml".into());
     }
-    let router = gateway_yaml
-        .find(ROUTER_FILTER)
-        .ok_or("no router in gateway.yaml")?;
-    let mut extra = String::new();
-    for name in OTHER_MODULES {
-        // A module gateway.yaml already chains keeps its configuration.
-        let under = name.replace('-', "_");
-        if gateway_yaml.contains(&format!("- name: aigw.{under}\n")) {
+    let head = |name: &str| format!("          - name: aigw.{}\n", name.replace('-', "_"));
+    let mut out = gateway_yaml.to_string();
+    for (i, name) in OTHER_MODULES.iter().enumerate() {
+        if out.contains(&head(name)) {
             continue;
         }
-        extra.push_str(&format!(
+        // Before the first module after it that is already there, else the router.
+        let at = OTHER_MODULES[i + 1..]
+            .iter()
+            .filter_map(|later| out.find(&head(later)))
+            .min()
+            .or_else(|| out.find(ROUTER_FILTER))
+            .ok_or("no router in gateway.yaml")?;
+        let block = format!(
             "          - name: aigw.{under}
             typed_config:
               \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
@@ -543,14 +548,12 @@ pub fn all_five(gateway_yaml: &str) -> Result<String, String> {
                   runtime: envoy.wasm.runtime.v8
                   code:
                     local: {{ filename: target/wasm/{name}.wasm }}  # aigw:wasm_dir
-"
-        ));
+",
+            under = name.replace('-', "_")
+        );
+        out.insert_str(at, &block);
     }
-    Ok(format!(
-        "{}{extra}{}",
-        &gateway_yaml[..router],
-        &gateway_yaml[router..]
-    ))
+    Ok(out)
 }
 
 /// Finds a sample in Prometheus text; all given labels must match.

@@ -1161,6 +1161,11 @@ fn works_where_request_headers_cannot_be_held() {
         .replace(
             "\"identity\": {",
             "\"hold_request_headers\": false, \"identity\": {",
+        )
+        // model-router then routes on the request headers alone.
+        .replace(
+            "\"hold_request_headers\": true,",
+            "\"hold_request_headers\": false,",
         );
     assert!(yaml.contains("\"hold_request_headers\": false"));
     let mock = MockLlm::start().unwrap();

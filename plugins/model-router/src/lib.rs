@@ -1,4 +1,6 @@
-//! model-router: not built yet. It loads, accepts only an empty configuration, and
-//! passes every request through untouched; its own issue fills it in.
+//! model-router: picks the model and backend of each request and rewrites
+//! model, path, authority and key so that Envoy's own router sends it there.
+//!
+//! This crate is the shell; all routing logic is in `aigw_shared::router`.
 
-aigw_shared::passthrough_plugin!("model-router");
+aigw_shared::plugin!(aigw_shared::router::Router);

@@ -19,6 +19,11 @@ pub struct Line {
     pub model_requested: Option<String>,
     pub model: Option<String>,
     pub route: Option<String>,
+    /// What chose the route (model-router), and the complexity tier and
+    /// score it gave an `auto` request.
+    pub route_reason: Option<String>,
+    pub route_tier: Option<String>,
+    pub route_score: Option<u32>,
     pub status: Option<u16>,
     pub stream: Option<bool>,
     pub input_tokens: Option<u64>,
@@ -63,6 +68,9 @@ mod tests {
             "model_requested",
             "model",
             "route",
+            "route_reason",
+            "route_tier",
+            "route_score",
             "status",
             "stream",
             "input_tokens",

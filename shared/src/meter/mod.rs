@@ -364,7 +364,7 @@ impl MeterStage {
         if self.api.is_some() {
             // An answer from the prompt cache cost no upstream tokens: the
             // fact (what a rate limiter settles to) counts none.
-            let upstream = if self.from_cache(env) {
+            let upstream = if self.served_from_cache(env) {
                 none_used(&usage)
             } else {
                 usage
@@ -376,7 +376,7 @@ impl MeterStage {
     }
 
     /// The prompt cache answered this request (a hit, or a stale answer).
-    fn from_cache(&self, env: &Env<'_>) -> bool {
+    fn served_from_cache(&self, env: &Env<'_>) -> bool {
         matches!(
             self.fact(
                 Writer::Cache,
@@ -635,13 +635,19 @@ impl MeterStage {
             self.consumer = Some(c);
         }
         let routed = self.fact(Writer::Router, |s| facts::text(s, facts::ROUTE), env);
+        // model-router's other facts, read once it is known to have run.
         let by_router = |key: &str| routed.as_ref().and_then(|_| facts::text(&*env.state, key));
         let routed_model = by_router(facts::MODEL);
         let routed_provider = by_router(facts::PROVIDER);
+        let routed_requested = by_router(facts::MODEL_REQUESTED);
+        let routed_response = by_router(facts::MODEL_RESPONSE);
+        let route_reason = by_router(facts::ROUTE_REASON);
+        let route_tier = by_router(facts::ROUTE_TIER);
+        let route_score = by_router(facts::ROUTE_SCORE).and_then(|s| s.parse().ok());
         let usage = self.publish_usage(env, status);
         // A cached answer's line shows the tokens it saved (its replayed
         // usage), while the token metrics and the cost count none.
-        let from_cache = self.from_cache(env);
+        let from_cache = self.served_from_cache(env);
         let upstream = if from_cache { none_used(&usage) } else { usage };
         let meter = Rc::clone(&self.meter);
 
@@ -649,11 +655,13 @@ impl MeterStage {
             .request
             .as_ref()
             .and_then(|r| r.model.clone())
-            .or_else(|| self.api.as_ref().and_then(|a| a.deployment.clone()));
-        let model = self
-            .seen
-            .model
-            .clone()
+            .or_else(|| self.api.as_ref().and_then(|a| a.deployment.clone()))
+            // A filter that read the model elsewhere (model-router's header) said so.
+            .or(routed_requested);
+        // model-router may have put the client's name back in the answer:
+        // the model that served is the one it replaced.
+        let model = routed_response
+            .or_else(|| self.seen.model.clone())
             .or(routed_model)
             .or_else(|| model_requested.clone());
         let provider = routed_provider
@@ -709,6 +717,9 @@ impl MeterStage {
                 operation: self.api.as_ref().map(|a| operation_name(a.operation)),
                 model_requested,
                 model,
+                route_reason,
+                route_tier,
+                route_score,
                 route: routed.or_else(|| input.route_name.clone()),
                 status,
                 stream,

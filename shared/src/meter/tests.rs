@@ -719,6 +719,10 @@ fn facts_from_other_filters_win() {
         .with(facts::CONSUMER, "team-a")
         .with(facts::PROVIDER, "vllm")
         .with(facts::ROUTE, "fast-tier")
+        .with(facts::ROUTE_REASON, "auto:small")
+        .with(facts::ROUTE_TIER, "small")
+        .with(facts::ROUTE_SCORE, "12")
+        .with(facts::MODEL_RESPONSE, "gpt-4o-mini-2024-07-18")
         .with(facts::CACHE, "miss")
         .with(facts::RATELIMIT, "allow")
         .with(facts::SCREEN, "pass");
@@ -735,6 +739,11 @@ fn facts_from_other_filters_win() {
     assert_eq!(line["consumer"], "team-a");
     assert_eq!(line["provider"], "vllm");
     assert_eq!(line["route"], "fast-tier");
+    assert_eq!(line["route_reason"], "auto:small");
+    assert_eq!(line["route_tier"], "small");
+    assert_eq!(line["route_score"], 12);
+    // The router mapped the answer's model back to the alias: the log shows what served.
+    assert_eq!(line["model"], "gpt-4o-mini-2024-07-18");
     assert_eq!(line["cache"], "miss");
     assert_eq!(line["ratelimit"], "allow");
     assert_eq!(line["screen"], "pass");
@@ -896,6 +905,22 @@ proptest! {
         let line = r.line();
         prop_assert!(["provider", "estimated", "none"].contains(&line["usage_source"].as_str().unwrap()));
     }
+}
+
+#[test]
+fn a_model_another_filter_read_elsewhere_is_the_model_requested() {
+    // model-router read it from a header: the body names none.
+    let state = FakeFilterState::default().with(facts::MODEL_REQUESTED, "fast");
+    let r = run_with(
+        &meter(""),
+        Exchange {
+            body: r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            chunks: vec![CHAT_JSON.as_bytes().to_vec()],
+            ..Exchange::default()
+        },
+        state,
+    );
+    assert_eq!(r.line()["model_requested"], "fast");
 }
 
 #[test]
