@@ -466,6 +466,9 @@ pub fn bare(gateway_yaml: &str) -> Result<String, String> {
 /// (a screen that refuses a body that is not JSON, a rate limit of 60 a
 /// minute).
 pub fn without(gateway_yaml: &str, names: &[&str]) -> String {
+    if gateway_yaml.contains("- name: aigw.gateway\n") {
+        return without_stages(gateway_yaml, names);
+    }
     let mut out = String::with_capacity(gateway_yaml.len());
     let mut skipping = false;
     for line in gateway_yaml.split_inclusive('\n') {
@@ -482,6 +485,35 @@ pub fn without(gateway_yaml: &str, names: &[&str]) -> String {
         }
     }
     out
+}
+
+/// The bundle's YAML without the named stages in its configuration.
+fn without_stages(bundle_yaml: &str, names: &[&str]) -> String {
+    const VALUE: &str = "                  value: |\n";
+    const INDENT: &str = "                    ";
+    let Some(start) = bundle_yaml.find(VALUE).map(|i| i + VALUE.len()) else {
+        return bundle_yaml.to_string();
+    };
+    let len: usize = bundle_yaml[start..]
+        .split_inclusive('\n')
+        .take_while(|l| l.starts_with(INDENT))
+        .map(str::len)
+        .sum();
+    let Ok(mut config) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
+        &bundle_yaml[start..start + len],
+    ) else {
+        return bundle_yaml.to_string();
+    };
+    for n in names {
+        config.remove(&n.replace('-', "_"));
+    }
+    let json = serde_json::to_string_pretty(&config).unwrap_or_default();
+    let block: String = json.lines().map(|l| format!("{INDENT}{l}\n")).collect();
+    format!(
+        "{}{block}{}",
+        &bundle_yaml[..start],
+        &bundle_yaml[start + len..]
+    )
 }
 
 /// Bare Envoy (from `envoy/gateway.yaml`) with the benchmark fixture

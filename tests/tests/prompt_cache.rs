@@ -622,6 +622,11 @@ fn hits_work_where_request_headers_cannot_be_held() {
             "\"consumer_header\": \"x-aigw-consumer\",",
             "\"consumer_header\": \"x-aigw-consumer\", \"hold_request_headers\": false,",
         )
+        // model-router then routes on the request headers alone.
+        .replace(
+            "\"hold_request_headers\": true,",
+            "\"hold_request_headers\": false,",
+        )
     });
     let body = chat("not held", json!({}));
     let first = g.post("judy", &[], &body);

@@ -20,8 +20,12 @@ struct Gateway {
     _mock: MockLlm,
 }
 
+/// The gateway (either shape) without the prompt cache: these tests send the
+/// same prompt again and again, and the cache below rate-limit would answer
+/// it (a hit costs no tokens, and each local reply to a `connection: close`
+/// client takes Envoy's 1 s delayed close).
 fn gateway_yaml() -> String {
-    aigw_tests::harness::gateway_yaml()
+    aigw_tests::harness::without(&aigw_tests::harness::gateway_yaml(), &["prompt-cache"])
 }
 
 /// The gateway YAML (either shape) with another rate-limit configuration:

@@ -784,6 +784,8 @@ fn cost_adds_up_over_many_cheap_requests() {
                     let headers = [
                         ("x-aigw-consumer", "penny"),
                         ("content-type", "application/json"),
+                        // The same prompt each time: the upstream answers, not the cache.
+                        ("cache-control", "no-cache"),
                         ("x-mock-prompt-tokens", p.as_str()),
                         ("x-mock-chunks", c.as_str()),
                     ];
@@ -829,6 +831,8 @@ fn concurrent_requests_are_each_counted_once() {
                 };
                 let headers = [
                     ("x-aigw-consumer", "crowd"),
+                    // The same prompt each time: the upstream answers, not the cache.
+                    ("cache-control", "no-cache"),
                     ("x-mock-chunks", "3"),
                     ("x-mock-split-bytes", "7"),
                     ("x-mock-split-delay-ms", "0"),

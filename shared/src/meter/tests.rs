@@ -909,8 +909,12 @@ proptest! {
 
 #[test]
 fn a_model_another_filter_read_elsewhere_is_the_model_requested() {
-    // model-router read it from a header: the body names none.
-    let state = FakeFilterState::default().with(facts::MODEL_REQUESTED, "fast");
+    // model-router read it from a header: the body names none. (The router
+    // publishes its route with every other fact: the meter reads them once
+    // it has seen the route.)
+    let state = FakeFilterState::default()
+        .with(facts::MODEL_REQUESTED, "fast")
+        .with(facts::ROUTE, "small");
     let r = run_with(
         &meter(""),
         Exchange {
