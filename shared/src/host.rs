@@ -365,6 +365,24 @@ impl<S: Stage> StageHttp<S> {
         Action::Pause
     }
 
+    /// Runs one step of the stage, noting the tokens of the callouts it
+    /// makes (the ones the request then waits for).
+    fn recorded<R>(&mut self, step: impl FnOnce(&mut S, &mut Env<'_>) -> R) -> (R, Vec<u32>) {
+        let mut tokens = Vec::new();
+        let out = {
+            let mut calls = Recording::new(self.context_id, &mut tokens);
+            let env = &mut Env {
+                clock: &HostClock,
+                state: &mut HostFilterState,
+                metrics: &mut HostMetrics,
+                shared: &mut HostSharedData,
+                callouts: &mut calls,
+            };
+            step(&mut self.stage, env)
+        };
+        (out, tokens)
+    }
+
     fn reply(&mut self, reply: &Reply) -> Action {
         self.replied = true;
         send_reply(reply);
@@ -444,18 +462,8 @@ impl<S: Stage> StageHttp<S> {
     /// Runs `request_body` and applies what it says.
     fn run_request_body(&mut self, mut body: RequestBody, size: usize) -> Action {
         let mut headers = self.request_headers.take().unwrap_or_default();
-        let mut tokens = Vec::new();
-        let step = {
-            let mut calls = Recording::new(self.context_id, &mut tokens);
-            let env = &mut Env {
-                clock: &HostClock,
-                state: &mut HostFilterState,
-                metrics: &mut HostMetrics,
-                shared: &mut HostSharedData,
-                callouts: &mut calls,
-            };
-            self.stage.request_body(env, &mut body, &mut headers)
-        };
+        let (step, tokens) =
+            self.recorded(|stage, env| stage.request_body(env, &mut body, &mut headers));
         self.request_headers = Some(headers);
         self.write_request_body(size, &body);
         self.flush_request_headers();
@@ -514,18 +522,8 @@ impl<S: Stage> StageHttp<S> {
             _ => self.request_headers.take(),
         }
         .unwrap_or_default();
-        let mut tokens = Vec::new();
-        let step = {
-            let mut calls = Recording::new(self.context_id, &mut tokens);
-            let env = &mut Env {
-                clock: &HostClock,
-                state: &mut HostFilterState,
-                metrics: &mut HostMetrics,
-                shared: &mut HostSharedData,
-                callouts: &mut calls,
-            };
-            self.stage.on_callout(env, token, &response, &mut headers)
-        };
+        let (step, tokens) =
+            self.recorded(|stage, env| stage.on_callout(env, token, &response, &mut headers));
         self.pending.extend(tokens);
         match at {
             Waiting::ResponseHeaders => {
@@ -656,18 +654,8 @@ impl<S: Stage> HttpContext for StageHttp<S> {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let mut headers =
             Headers::new(hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default());
-        let mut tokens = Vec::new();
-        let step = {
-            let mut calls = Recording::new(self.context_id, &mut tokens);
-            let env = &mut Env {
-                clock: &HostClock,
-                state: &mut HostFilterState,
-                metrics: &mut HostMetrics,
-                shared: &mut HostSharedData,
-                callouts: &mut calls,
-            };
-            self.stage.request_headers(env, &mut headers, end_of_stream)
-        };
+        let (step, tokens) =
+            self.recorded(|stage, env| stage.request_headers(env, &mut headers, end_of_stream));
         self.request_headers = Some(headers);
         self.flush_request_headers();
         match step {
@@ -738,19 +726,8 @@ impl<S: Stage> HttpContext for StageHttp<S> {
         }
         let mut headers =
             Headers::new(hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default());
-        let mut tokens = Vec::new();
-        let step = {
-            let mut calls = Recording::new(self.context_id, &mut tokens);
-            let env = &mut Env {
-                clock: &HostClock,
-                state: &mut HostFilterState,
-                metrics: &mut HostMetrics,
-                shared: &mut HostSharedData,
-                callouts: &mut calls,
-            };
-            self.stage
-                .response_headers(env, &mut headers, end_of_stream)
-        };
+        let (step, tokens) =
+            self.recorded(|stage, env| stage.response_headers(env, &mut headers, end_of_stream));
         self.response_headers = Some(headers);
         self.flush_response_headers();
         self.response_headers_step(step, tokens, end_of_stream)
