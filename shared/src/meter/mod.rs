@@ -116,29 +116,26 @@ impl Meter {
                 return Err(ConfigError::new("provider", "must be 1 to 64 characters"));
             }
         }
-        let max_request_body_bytes = c.max_request_body_bytes.unwrap_or(8 << 20);
-        if !(1024..=(64 << 20)).contains(&max_request_body_bytes) {
-            return Err(ConfigError::new(
-                "max_request_body_bytes",
-                format!("{max_request_body_bytes} is outside 1024..=67108864"),
-            ));
-        }
-        let max_event_bytes = c.max_event_bytes.unwrap_or(1 << 20);
-        if !(1024..=(16 << 20)).contains(&max_event_bytes) {
-            return Err(ConfigError::new(
-                "max_event_bytes",
-                format!("{max_event_bytes} is outside 1024..=16777216"),
-            ));
-        }
+        let max_request_body_bytes = config::within(
+            "max_request_body_bytes",
+            c.max_request_body_bytes,
+            8 << 20,
+            1024..=(64 << 20),
+        )?;
+        let max_event_bytes = config::within(
+            "max_event_bytes",
+            c.max_event_bytes,
+            1 << 20,
+            1024..=(16 << 20),
+        )?;
         // A budget of inflated bytes bounds what a decompression bomb costs;
         // a few events' worth is more than any usage-bearing answer needs.
-        let max_inflated_bytes = c.max_inflated_bytes.unwrap_or(4 * max_event_bytes);
-        if !(1024..=(256 << 20)).contains(&max_inflated_bytes) {
-            return Err(ConfigError::new(
-                "max_inflated_bytes",
-                format!("{max_inflated_bytes} is outside 1024..=268435456"),
-            ));
-        }
+        let max_inflated_bytes = config::within(
+            "max_inflated_bytes",
+            c.max_inflated_bytes,
+            4 * max_event_bytes,
+            1024..=(256 << 20),
+        )?;
         let metrics_flush_ms = c.metrics_flush_ms.unwrap_or(1000);
         if metrics_flush_ms > 60_000 {
             return Err(ConfigError::new(
