@@ -180,6 +180,21 @@ impl RequestBody {
         self.facts.as_ref().and_then(Option::as_ref)
     }
 
+    /// The request facts, from wherever they already are: parsed by a stage
+    /// of this VM (the bundle), else published by an earlier filter
+    /// (`aigw.request`), else parsed now. `true` when they came from
+    /// another filter, which then also published the model it names.
+    pub fn shared_facts(&mut self, state: &dyn FilterState) -> (Option<&RequestFacts>, bool) {
+        let mut published = false;
+        if self.facts.is_none() {
+            if let Some(f) = crate::facts::request(state) {
+                self.facts = Some(Some(f));
+                published = true;
+            }
+        }
+        (self.facts(), published)
+    }
+
     /// Facts learnt elsewhere (another filter's), so they are not parsed again.
     pub fn set_facts(&mut self, facts: RequestFacts) {
         self.facts = Some(Some(facts));

@@ -768,10 +768,7 @@ impl Stage for RateLimitStage {
         body: &mut RequestBody,
         headers: &mut Headers,
     ) -> Step {
-        if let Some(f) = facts::request(env.state) {
-            body.set_facts(f);
-        }
-        let facts = body.facts().cloned();
+        let facts = body.shared_facts(&*env.state).0.cloned();
         self.matched = self.matching(env, headers, facts.as_ref());
         let needs_tokens = self.matched.iter().any(|&ri| {
             self.f.c.rules[ri]

@@ -526,13 +526,8 @@ impl RouterStage {
         body: &mut RequestBody,
         model_hint: Option<&str>,
     ) -> Read {
-        let (facts, published) = match facts::request(env.state) {
-            Some(f) => {
-                body.set_facts(f.clone());
-                (Some(f), true)
-            }
-            None => (body.facts().cloned(), false),
-        };
+        let (facts, published) = body.shared_facts(&*env.state);
+        let facts = facts.cloned();
         let model = facts
             .as_ref()
             .and_then(|f| f.model.as_deref())
