@@ -346,7 +346,7 @@ impl Stage for Chain {
         }
     }
 
-    fn log(&mut self, env: &mut Env<'_>, input: &LogInput) {
+    fn log(&mut self, env: &mut Env<'_>, input: &dyn LogInput) {
         // Top to bottom, as Envoy runs the separate filters' log phases:
         // the meter (the first stage) publishes the usage that the stages
         // below it settle to (rate-limit refunds a reservation to it, a

@@ -13,7 +13,7 @@ use crate::boundary::{
     FakeCallouts, FakeClock, FakeFilterState, FakeMetrics, FakeSharedData, Sent,
 };
 use crate::stage::{
-    CalloutResponse, Chunk, Env, Headers, LogInput, Reply, RequestBody, Stage, Step,
+    CalloutResponse, Chunk, Env, Headers, LogValues, Reply, RequestBody, Stage, Step,
 };
 
 /// One request and the upstream's answer to it.
@@ -237,7 +237,7 @@ impl Run<'_> {
         if !stage.logs() {
             return;
         }
-        let input = LogInput {
+        let input = LogValues {
             request_id: Some("req-1".into()),
             status: Some(status),
             duration_ms: None,

@@ -7,18 +7,16 @@
 //! filter and by the access log (`%FILTER_STATE(wasm.aigw.consumer:PLAIN)%`).
 //! This module is the one list of those keys and their encodings; a fact is
 //! computed once, by the first filter that needs it, and read after that.
+//! Each read or write is a host call that Envoy answers through its attribute
+//! machinery (about 12,000 instructions), so what one filter decides at one
+//! time is one fact, however many fields it has.
 //!
 //! | key | encoding | written by |
 //! |---|---|---|
 //! | `aigw.consumer` | UTF-8 id | the first filter that identifies the caller |
 //! | `aigw.request` | JSON [`RequestFacts`] | the first filter that parses the request body |
-//! | `aigw.model_requested` | UTF-8 | with `aigw.request`; model-router when none did (a model from an Azure path or a header) |
-//! | `aigw.model` | UTF-8 | model-router (routed), token-meter (as the provider answered) |
-//! | `aigw.provider` | UTF-8 | model-router, else token-meter |
-//! | `aigw.route` | UTF-8 target name | model-router |
-//! | `aigw.route_reason` | UTF-8: what chose the route (`rule:<name>`, `alias:<model>`, `auto:<tier>`, `default`, `missing_model`) | model-router |
-//! | `aigw.route_tier` | UTF-8 tier name (`auto` requests) | model-router |
-//! | `aigw.route_score` | decimal complexity score (`auto` requests) | model-router |
+//! | `aigw.model_requested` | UTF-8 | with `aigw.request` |
+//! | `aigw.route` | JSON [`Route`]: target, reason, model, provider, tier, score, model_requested | model-router |
 //! | `aigw.model_response` | UTF-8, the model the upstream answered with, when model-router maps it back to the client's name | model-router |
 //! | `aigw.usage` | JSON [`Usage`] | token-meter |
 //! | `aigw.cache` | `hit` `miss` `bypass` `stale` `off` | prompt-cache |
@@ -33,12 +31,7 @@ use crate::wire::usage::Usage;
 pub const CONSUMER: &str = "aigw.consumer";
 pub const REQUEST: &str = "aigw.request";
 pub const MODEL_REQUESTED: &str = "aigw.model_requested";
-pub const MODEL: &str = "aigw.model";
-pub const PROVIDER: &str = "aigw.provider";
 pub const ROUTE: &str = "aigw.route";
-pub const ROUTE_REASON: &str = "aigw.route_reason";
-pub const ROUTE_TIER: &str = "aigw.route_tier";
-pub const ROUTE_SCORE: &str = "aigw.route_score";
 pub const MODEL_RESPONSE: &str = "aigw.model_response";
 pub const USAGE: &str = "aigw.usage";
 pub const CACHE: &str = "aigw.cache";
@@ -85,6 +78,41 @@ pub fn request(state: &dyn FilterState) -> Option<RequestFacts> {
     serde_json::from_slice(&state.get(REQUEST)?).ok()
 }
 
+/// What model-router decided for a request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Route {
+    /// The target's name.
+    pub target: String,
+    /// What chose it: `rule:<name>`, `alias:<model>`, `auto:<tier>`,
+    /// `default`, `missing_model`.
+    pub reason: String,
+    /// The model sent upstream.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The target's provider, when its configuration names one.
+    #[serde(default)]
+    pub provider: Option<String>,
+    /// The tier of an `auto` request, and its complexity score.
+    #[serde(default)]
+    pub tier: Option<String>,
+    #[serde(default)]
+    pub score: Option<u32>,
+    /// The model the client asked for, when the router read it somewhere
+    /// other than the body (an Azure path, a header).
+    #[serde(default)]
+    pub model_requested: Option<String>,
+}
+
+pub fn put_route(state: &mut dyn FilterState, r: &Route) {
+    if let Ok(bytes) = serde_json::to_vec(r) {
+        state.set(ROUTE, &bytes);
+    }
+}
+
+pub fn route(state: &dyn FilterState) -> Option<Route> {
+    serde_json::from_slice(&state.get(ROUTE)?).ok()
+}
+
 pub fn put_usage(state: &mut dyn FilterState, u: &Usage) {
     if let Ok(bytes) = serde_json::to_vec(u) {
         state.set(USAGE, &bytes);
@@ -122,6 +150,16 @@ mod tests {
             reasoning_tokens: None,
             source: UsageSource::Estimated,
         };
+        let route = Route {
+            target: "small".into(),
+            reason: "auto:small".into(),
+            model: Some("gpt-4o-mini".into()),
+            tier: Some("small".into()),
+            score: Some(12),
+            ..Route::default()
+        };
+        put_route(&mut s, &route);
+        assert_eq!(super::route(&s), Some(route));
         put_usage(&mut s, &u);
         assert_eq!(usage(&s), Some(u));
         assert_eq!(

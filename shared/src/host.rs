@@ -861,16 +861,27 @@ impl<S: Stage> HttpContext for StageHttp<S> {
         if !self.stage.logs() {
             return;
         }
-        let input = LogInput {
-            request_id: text_property(vec!["request", "id"]),
-            status: int_property(vec!["response", "code"])
-                .and_then(|c| u16::try_from(c).ok())
-                .filter(|c| *c != 0),
-            duration_ms: int_property(vec!["request", "duration"])
-                .and_then(|ns| u64::try_from(ns / 1_000_000).ok()),
-            route_name: text_property(vec!["xds", "route_name"]),
-        };
-        self.stage.log(env!(self), &input);
+        self.stage.log(env!(self), &HostLog);
+    }
+}
+
+/// The request's end as Envoy's properties tell it, each read when asked.
+struct HostLog;
+
+impl LogInput for HostLog {
+    fn request_id(&self) -> Option<String> {
+        text_property(vec!["request", "id"])
+    }
+    fn status(&self) -> Option<u16> {
+        int_property(vec!["response", "code"])
+            .and_then(|c| u16::try_from(c).ok())
+            .filter(|c| *c != 0)
+    }
+    fn duration_ms(&self) -> Option<u64> {
+        int_property(vec!["request", "duration"]).and_then(|ns| u64::try_from(ns / 1_000_000).ok())
+    }
+    fn route_name(&self) -> Option<String> {
+        text_property(vec!["xds", "route_name"])
     }
 }
 

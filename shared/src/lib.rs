@@ -23,8 +23,8 @@ pub mod wire; // api, request, sse, json_scan, decode, usage
 pub mod cache; // prompt-cache: key, policy, bounded local store, Redis tier, stream replay
 pub mod meter; // token-meter: usage, prices, metrics, the access-log line
 pub mod ratelimit; // rate-limit: rules, local counters, the rate limit service, 429s
-pub mod router;
-pub mod screen; // content-screen: PII, secrets, injection, deny list, budgets; prompts and answers // model-router: rules, aliases, complexity tiers, splits; the rewrites
+pub mod router; // model-router: rules, aliases, complexity tiers, splits; the rewrites
+pub mod screen; // content-screen: PII, secrets, injection, deny list, budgets; prompts and answers
 
 // All of them in one VM.
 pub mod bundle; // the chain of stages, facts in memory, one body read

@@ -37,32 +37,43 @@ const MAX_LABEL_VALUE: usize = 96;
 
 /// A label value safe to put in a stat name.
 pub fn label_value(v: &str) -> String {
-    let v: String = v
-        .chars()
-        .take(MAX_LABEL_VALUE)
-        .map(|c| match c {
+    let mut out = String::new();
+    push_label_value(&mut out, v);
+    out
+}
+
+fn push_label_value(out: &mut String, v: &str) {
+    let start = out.len();
+    for c in v.chars().take(MAX_LABEL_VALUE) {
+        out.push(match c {
             ';' | '=' | '"' | '\\' | ',' | '{' | '}' => '_',
             c if c.is_control() || c.is_whitespace() => '_',
             c => c,
-        })
-        .collect();
-    if v.is_empty() {
-        UNKNOWN.to_string()
-    } else {
-        v
+        });
+    }
+    if out.len() == start {
+        out.push_str(UNKNOWN);
     }
 }
 
 /// Stat name for a base name and labels.
 pub fn stat_name(base: &str, labels: &[(&str, &str)]) -> String {
-    let mut name = base.to_string();
+    let mut name = String::new();
+    write_name(&mut name, base, labels);
+    name
+}
+
+/// Writes the stat name into `name` (cleared first), so that a lookup of a
+/// known series allocates nothing.
+fn write_name(name: &mut String, base: &str, labels: &[(&str, &str)]) {
+    name.clear();
+    name.push_str(base);
     for (k, v) in labels {
         name.push(';');
         name.push_str(k);
         name.push('=');
-        name.push_str(&label_value(v));
+        push_label_value(name, v);
     }
-    name
 }
 
 /// Metric ids by name, for one VM, with the series bound.
@@ -80,6 +91,8 @@ pub struct Registry {
     max_series: usize,
     /// Increments not yet handed to Envoy, when buffered.
     pending: Option<HashMap<u32, u64>>,
+    /// Where a name is composed for a lookup.
+    scratch: String,
 }
 
 /// Labels whose values are free-form and are folded into `other` past the bound.
@@ -93,6 +106,7 @@ impl Registry {
             remainders: HashMap::new(),
             max_series,
             pending: None,
+            scratch: String::new(),
         }
     }
 
@@ -127,15 +141,16 @@ impl Registry {
         base: &str,
         labels: &[(&str, &str)],
     ) -> Option<u32> {
-        let name = stat_name(base, labels);
+        write_name(&mut self.scratch, base, labels);
         let series = self.counters.len() + self.histograms.len();
         let ids = match kind {
             MetricKind::Counter => &mut self.counters,
             MetricKind::Histogram => &mut self.histograms,
         };
-        if let Some(id) = ids.get(&name) {
+        if let Some(id) = ids.get(self.scratch.as_str()) {
             return Some(*id);
         }
+        let name = self.scratch.clone();
         let name = if series >= self.max_series {
             let folded: Vec<(&str, &str)> = labels
                 .iter()

@@ -144,6 +144,9 @@ pub struct RequestBody {
     truncated: bool,
     changed: bool,
     facts: Option<Option<RequestFacts>>,
+    /// The body as a JSON document, parsed on first use and shared by every
+    /// stage that needs more than the facts (the bundle parses it once).
+    json: Option<Option<serde_json::Value>>,
 }
 
 impl RequestBody {
@@ -159,6 +162,7 @@ impl RequestBody {
         RequestBody {
             truncated: true,
             facts: Some(None),
+            json: Some(None),
             ..RequestBody::default()
         }
     }
@@ -200,12 +204,42 @@ impl RequestBody {
         self.facts = Some(Some(facts));
     }
 
-    /// Replaces the body. The cached facts are dropped: the new body may say
-    /// something else (a rewritten model, say) and is parsed again if asked.
+    /// The body as a JSON document, parsed on first use; `None` for a body
+    /// that is not JSON (or was not read).
+    pub fn json(&mut self) -> Option<&serde_json::Value> {
+        self.json_mut().map(|v| &*v)
+    }
+
+    /// The document, to change in place; [`RequestBody::commit_json`] then
+    /// makes the bytes say what it says.
+    pub fn json_mut(&mut self) -> Option<&mut serde_json::Value> {
+        if self.json.is_none() {
+            self.json = Some(serde_json::from_slice(&self.bytes).ok());
+        }
+        self.json.as_mut().and_then(Option::as_mut)
+    }
+
+    /// Writes the document changed through [`RequestBody::json_mut`] back
+    /// as the body. The document stays (it is what the new bytes say); the
+    /// facts are parsed again if asked.
+    pub fn commit_json(&mut self) {
+        let Some(Some(v)) = &self.json else {
+            return;
+        };
+        if let Ok(bytes) = serde_json::to_vec(v) {
+            self.bytes = bytes;
+            self.changed = true;
+            self.facts = None;
+        }
+    }
+
+    /// Replaces the body. What was parsed of it is dropped: the new body may
+    /// say something else (a rewritten model, say) and is parsed again if asked.
     pub fn replace(&mut self, bytes: Vec<u8>) {
         self.bytes = bytes;
         self.changed = true;
         self.facts = None;
+        self.json = None;
     }
 
     pub fn is_changed(&self) -> bool {
@@ -279,16 +313,42 @@ pub enum CalloutResponse {
     Failed,
 }
 
-/// What the host knows when the request is over.
-#[derive(Clone, Debug, Default)]
-pub struct LogInput {
-    pub request_id: Option<String>,
+/// What the host knows when the request is over. Each answer is a host
+/// call through Envoy's attribute machinery (about 12,000 instructions,
+/// `./scripts/bench.sh --floor --instructions`), so it is read only when a
+/// stage asks, and a stage asks only for what it has no better source of.
+pub trait LogInput {
+    fn request_id(&self) -> Option<String>;
     /// The status the client got (a local reply's too).
-    pub status: Option<u16>,
+    fn status(&self) -> Option<u16>;
     /// Envoy's own measure of the request's duration.
-    pub duration_ms: Option<u64>,
+    fn duration_ms(&self) -> Option<u64>;
     /// The route Envoy matched.
+    fn route_name(&self) -> Option<String>;
+}
+
+/// A [`LogInput`] of given values (tests, and the in-memory host).
+#[derive(Clone, Debug, Default)]
+pub struct LogValues {
+    pub request_id: Option<String>,
+    pub status: Option<u16>,
+    pub duration_ms: Option<u64>,
     pub route_name: Option<String>,
+}
+
+impl LogInput for LogValues {
+    fn request_id(&self) -> Option<String> {
+        self.request_id.clone()
+    }
+    fn status(&self) -> Option<u16> {
+        self.status
+    }
+    fn duration_ms(&self) -> Option<u64> {
+        self.duration_ms
+    }
+    fn route_name(&self) -> Option<String> {
+        self.route_name.clone()
+    }
 }
 
 /// The host services a stage may use during a callback.
@@ -378,7 +438,7 @@ pub trait Stage {
         Step::Continue
     }
 
-    fn log(&mut self, _env: &mut Env<'_>, _input: &LogInput) {}
+    fn log(&mut self, _env: &mut Env<'_>, _input: &dyn LogInput) {}
 
     /// The largest body (request, or response after [`Step::ReadBody`]) the
     /// stage wants to read whole.

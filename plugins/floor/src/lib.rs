@@ -71,9 +71,16 @@ impl Stage for FloorStage {
         Step::Continue
     }
 
-    fn log(&mut self, env: &mut Env<'_>, input: &LogInput) {
+    fn log(&mut self, env: &mut Env<'_>, input: &dyn LogInput) {
         if self.0 == Mode::Log {
-            let line = format!("{:?}", (input, [0u8; 64]));
+            // All four properties, as a line that names them all would read them.
+            let read = (
+                input.request_id(),
+                input.status(),
+                input.duration_ms(),
+                input.route_name(),
+            );
+            let line = format!("{:?}", (read, [0u8; 64]));
             env.state.set("aigw.floor", line.repeat(4).as_bytes());
         }
     }

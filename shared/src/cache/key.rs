@@ -135,12 +135,37 @@ fn write_value(out: &mut Vec<u8>, v: &Value, fold: bool) {
     }
 }
 
+/// Writes `s` as a JSON string, byte for byte as `serde_json` does (so keys
+/// do not change), without an allocation per string.
 fn write_string(out: &mut Vec<u8>, s: &str) {
-    // serde_json escapes a string one way only; a String never fails to serialise.
-    match serde_json::to_vec(s) {
-        Ok(b) => out.extend_from_slice(&b),
-        Err(_) => out.extend_from_slice(b"\"\""),
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 15)]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
     }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
 }
 
 fn fold_ws(s: &str) -> String {
@@ -160,6 +185,22 @@ mod tests {
             fold_whitespace: fold,
         };
         key(&ctx, v.as_object().unwrap())
+    }
+
+    #[test]
+    fn strings_are_written_as_serde_json_writes_them() {
+        let all: String = (0u8..0x80).map(char::from).collect();
+        for s in [
+            "",
+            "plain",
+            "quote \" back \\ slash",
+            "é ünï 😀",
+            all.as_str(),
+        ] {
+            let mut out = Vec::new();
+            write_string(&mut out, s);
+            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
+        }
     }
 
     const BASE: &str =

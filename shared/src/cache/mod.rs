@@ -470,13 +470,13 @@ impl CacheStage {
     }
 
     /// Reads the body: `None` means bypass.
-    fn ask(&self, env: &Env<'_>, body: &RequestBody, headers: &Headers) -> Option<Asked> {
+    fn ask(&self, env: &Env<'_>, body: &mut RequestBody, headers: &Headers) -> Option<Asked> {
         let api = self.api.as_ref()?;
         if body.is_truncated() || body.bytes().len() > self.cache.max_request_bytes {
             return None;
         }
         // Invalid UTF-8 or anything but a JSON object: not ours to cache.
-        let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body.bytes()) else {
+        let Some(Value::Object(doc)) = body.json() else {
             return None;
         };
         if let Some(max) = self.cache.max_temperature {
@@ -504,14 +504,14 @@ impl CacheStage {
             api.family.name(),
             api.deployment.as_deref().unwrap_or("")
         );
-        let routed = facts::text(env.state, facts::MODEL);
+        let routed = facts::route(env.state).and_then(|r| r.model);
         let ctx = key::Context {
             scope: &scope,
             api: &api_name,
             routed_model: routed.as_deref(),
             fold_whitespace: self.cache.fold_whitespace,
         };
-        let key = key::key(&ctx, &doc);
+        let key = key::key(&ctx, doc);
         let stream = doc.get("stream").and_then(Value::as_bool).unwrap_or(false);
         let include_usage = doc
             .get("stream_options")

@@ -217,6 +217,7 @@ pub struct MeterStage {
     meter: Rc<Meter>,
     api: Option<Api>,
     start_ms: Option<u64>,
+    request_id: Option<String>,
     consumer: Option<String>,
     request: Option<RequestFacts>,
     injected: bool,
@@ -244,6 +245,7 @@ impl MeterStage {
             meter,
             api: None,
             start_ms: None,
+            request_id: None,
             consumer: None,
             request: None,
             injected: false,
@@ -413,6 +415,9 @@ impl Stage for MeterStage {
         end_of_stream: bool,
     ) -> Step {
         self.start_ms = Some(env.clock.now_ms());
+        // Envoy's `request.id` is this header, which the connection manager
+        // sets before any filter runs: read here, it costs no host call.
+        self.request_id = headers.get("x-request-id").map(str::to_string);
         self.probing = self.meter.presence.begin();
         // Only a filter above the meter can have named the caller by now;
         // one below does it later, and the log phase reads it then.
@@ -558,7 +563,7 @@ impl Stage for MeterStage {
         Step::Continue
     }
 
-    fn log(&mut self, env: &mut Env<'_>, input: &LogInput) {
+    fn log(&mut self, env: &mut Env<'_>, input: &dyn LogInput) {
         self.log_line(env, input);
     }
 
@@ -622,25 +627,35 @@ impl MeterStage {
         out
     }
 
-    fn log_line(&mut self, env: &mut Env<'_>, input: &LogInput) {
+    fn log_line(&mut self, env: &mut Env<'_>, input: &dyn LogInput) {
         let now = env.clock.now_ms();
         self.finish_json();
-        let status = input.status.or(self.status);
+        // The meter is the outermost filter: the status it saw is the one
+        // the client got. Envoy's word is asked only when no answer passed
+        // here (a filter above answered, the client left first).
+        let status = self.status.or_else(|| input.status());
         // A filter after this one (rate-limit's identity) may have named the
         // caller since the request headers passed: its word wins.
         if let Some(c) = self.fact(Writer::Identity, |s| facts::text(s, facts::CONSUMER), env) {
             self.consumer = Some(c);
         }
-        let routed = self.fact(Writer::Router, |s| facts::text(s, facts::ROUTE), env);
-        // model-router's other facts, read once it is known to have run.
-        let by_router = |key: &str| routed.as_ref().and_then(|_| facts::text(&*env.state, key));
-        let routed_model = by_router(facts::MODEL);
-        let routed_provider = by_router(facts::PROVIDER);
-        let routed_requested = by_router(facts::MODEL_REQUESTED);
-        let routed_response = by_router(facts::MODEL_RESPONSE);
-        let route_reason = by_router(facts::ROUTE_REASON);
-        let route_tier = by_router(facts::ROUTE_TIER);
-        let route_score = by_router(facts::ROUTE_SCORE).and_then(|s| s.parse().ok());
+        let route = self.fact(Writer::Router, |s| facts::route(s), env);
+        // Written as the answer passed, once the router is known to have run.
+        let routed_response = route
+            .as_ref()
+            .and_then(|_| facts::text(&*env.state, facts::MODEL_RESPONSE));
+        let (routed, route_reason, routed_model, routed_provider) = match &route {
+            Some(r) => (
+                Some(r.target.clone()),
+                Some(r.reason.clone()),
+                r.model.clone(),
+                r.provider.clone(),
+            ),
+            None => (None, None, None, None),
+        };
+        let route_tier = route.as_ref().and_then(|r| r.tier.clone());
+        let route_score = route.as_ref().and_then(|r| r.score);
+        let routed_requested = route.and_then(|r| r.model_requested);
         let usage = self.publish_usage(env, status);
         // A cached answer's line shows the tokens it saved (its replayed
         // usage), while the token metrics and the cost count none.
@@ -674,9 +689,10 @@ impl MeterStage {
             (Some(s), Some(f)) => Some(f.saturating_sub(s)),
             _ => None,
         };
-        let duration_ms = input
-            .duration_ms
-            .or_else(|| self.start_ms.map(|s| now.saturating_sub(s)));
+        let duration_ms = self
+            .start_ms
+            .map(|s| now.saturating_sub(s))
+            .or_else(|| input.duration_ms());
         let stream = self.request.as_ref().map(|r| r.stream);
 
         if self.api.is_some() {
@@ -708,7 +724,7 @@ impl MeterStage {
 
         if meter.access_log {
             let line = Line {
-                request_id: input.request_id.clone(),
+                request_id: self.request_id.take().or_else(|| input.request_id()),
                 consumer: self.consumer.clone(),
                 provider,
                 operation: self.api.as_ref().map(|a| operation_name(a.operation)),
@@ -717,7 +733,7 @@ impl MeterStage {
                 route_reason,
                 route_tier,
                 route_score,
-                route: routed.or_else(|| input.route_name.clone()),
+                route: routed.or_else(|| input.route_name()),
                 status,
                 stream,
                 input_tokens: usage.input_tokens,

@@ -1,5 +1,6 @@
 use super::*;
 use crate::boundary::{FakeClock, FakeFilterState, FakeMetrics};
+use crate::stage::LogValues;
 use proptest::prelude::*;
 use std::io::Write;
 
@@ -131,7 +132,7 @@ fn run_with(meter: &Rc<Meter>, ex: Exchange<'_>, mut state: FakeFilterState) -> 
     let status = ex.status.parse().ok();
     stage.log(
         &mut env,
-        &LogInput {
+        &LogValues {
             request_id: Some("req-1".into()),
             status,
             duration_ms: None,
@@ -717,11 +718,10 @@ fn compressed_bodies_are_read_within_bounds() {
 fn facts_from_other_filters_win() {
     let state = FakeFilterState::default()
         .with(facts::CONSUMER, "team-a")
-        .with(facts::PROVIDER, "vllm")
-        .with(facts::ROUTE, "fast-tier")
-        .with(facts::ROUTE_REASON, "auto:small")
-        .with(facts::ROUTE_TIER, "small")
-        .with(facts::ROUTE_SCORE, "12")
+        .with(
+            facts::ROUTE,
+            r#"{"target":"fast-tier","reason":"auto:small","provider":"vllm","tier":"small","score":12}"#,
+        )
         .with(facts::MODEL_RESPONSE, "gpt-4o-mini-2024-07-18")
         .with(facts::CACHE, "miss")
         .with(facts::RATELIMIT, "allow")
@@ -909,12 +909,11 @@ proptest! {
 
 #[test]
 fn a_model_another_filter_read_elsewhere_is_the_model_requested() {
-    // model-router read it from a header: the body names none. (The router
-    // publishes its route with every other fact: the meter reads them once
-    // it has seen the route.)
-    let state = FakeFilterState::default()
-        .with(facts::MODEL_REQUESTED, "fast")
-        .with(facts::ROUTE, "small");
+    // model-router read it from a header: the body names none.
+    let state = FakeFilterState::default().with(
+        facts::ROUTE,
+        r#"{"target":"small","reason":"alias:fast","model_requested":"fast"}"#,
+    );
     let r = run_with(
         &meter(""),
         Exchange {
@@ -960,6 +959,6 @@ fn usage_is_published_when_the_answer_ends_before_any_log_phase() {
     let usage = facts::usage(env.state).expect("published at the end of the answer");
     assert_eq!(usage.input_tokens, Some(3));
     // The log phase uses the same record and does not write the fact again.
-    stage.log(&mut env, &LogInput::default());
+    stage.log(&mut env, &LogValues::default());
     assert!(state.refused.is_empty(), "{:?}", state.refused);
 }

@@ -280,7 +280,7 @@ impl RateLimitStage {
         let identity = &self.f.c.identity;
         let consumer = self.consumer.as_str();
         let model = facts.and_then(|f| f.model.as_deref());
-        let routed = facts::text(env.state, facts::MODEL);
+        let routed = facts::route(env.state).and_then(|r| r.model);
         self.f
             .c
             .rules
@@ -716,24 +716,32 @@ pub fn headers_for(standings: &[Standing], all: bool) -> Vec<(String, String)> {
         out.retain(|(k, _)| k.starts_with("x-ratelimit-remaining-"));
     }
     if !standings.is_empty() {
-        let name = |s: &Standing| format!("\"{}.{}_per_{}\"", s.rule, s.kind.name(), s.window);
-        let policy: Vec<String> = standings
-            .iter()
-            .map(|s| format!("{};q={};w={}", name(s), s.max, s.window.nominal_secs()))
-            .collect();
-        let now: Vec<String> = standings
-            .iter()
-            .map(|s| {
-                format!(
-                    "{};r={};t={}",
-                    name(s),
-                    s.remaining,
-                    s.reset_ms.div_ceil(1000)
-                )
-            })
-            .collect();
-        out.push(("ratelimit-policy".into(), policy.join(", ")));
-        out.push(("ratelimit".into(), now.join(", ")));
+        use std::fmt::Write;
+        let (mut policy, mut now) = (String::new(), String::new());
+        for (i, s) in standings.iter().enumerate() {
+            let sep = if i > 0 { ", " } else { "" };
+            let name = (s.rule.as_str(), s.kind.name(), s.window);
+            let _ = write!(
+                policy,
+                "{sep}\"{}.{}_per_{}\";q={};w={}",
+                name.0,
+                name.1,
+                name.2,
+                s.max,
+                s.window.nominal_secs()
+            );
+            let _ = write!(
+                now,
+                "{sep}\"{}.{}_per_{}\";r={};t={}",
+                name.0,
+                name.1,
+                name.2,
+                s.remaining,
+                s.reset_ms.div_ceil(1000)
+            );
+        }
+        out.push(("ratelimit-policy".into(), policy));
+        out.push(("ratelimit".into(), now));
     }
     out
 }
@@ -842,7 +850,7 @@ impl Stage for RateLimitStage {
         Step::Continue
     }
 
-    fn log(&mut self, env: &mut Env<'_>, _input: &LogInput) {
+    fn log(&mut self, env: &mut Env<'_>, _input: &dyn LogInput) {
         if !self.decided {
             // The client left before the body was read: nothing was reserved.
             return;

@@ -21,9 +21,9 @@
 //! an Azure deployment path with its `api-version`), the authority, and the
 //! upstream's own key in place of the client's.
 //!
-//! The decision is published as facts (`aigw.model`, `aigw.provider`,
-//! `aigw.route`, and for `auto` the tier and score) that the meter logs, so
-//! the thresholds can be tuned from the access log.
+//! The decision is published as one fact, `aigw.route` (target, reason,
+//! model, provider, and for `auto` the tier and score), that the meter logs,
+//! so the thresholds can be tuned from the access log.
 
 pub mod body;
 pub mod complexity;
@@ -599,26 +599,18 @@ impl RouterStage {
         target: &Target,
         d: &Decision,
     ) {
-        let state = &mut *env.state;
-        if let Some(m) = asked.filter(|_| !written) {
-            if state.get(facts::MODEL_REQUESTED).is_none() {
-                state.set(facts::MODEL_REQUESTED, m.as_bytes());
-            }
-        }
-        if let Some(m) = d.upstream_model.as_deref().or(asked) {
-            state.set(facts::MODEL, m.as_bytes());
-        }
-        if target.provider_named {
-            state.set(facts::PROVIDER, target.provider.name().as_bytes());
-        }
-        state.set(facts::ROUTE, target.name.as_bytes());
-        state.set(facts::ROUTE_REASON, d.reason.as_bytes());
-        if let Some(t) = &d.tier {
-            state.set(facts::ROUTE_TIER, t.as_bytes());
-        }
-        if let Some(s) = d.score {
-            state.set(facts::ROUTE_SCORE, s.to_string().as_bytes());
-        }
+        let route = facts::Route {
+            target: target.name.clone(),
+            reason: d.reason.clone(),
+            model: d.upstream_model.as_deref().or(asked).map(str::to_string),
+            provider: target
+                .provider_named
+                .then(|| target.provider.name().to_string()),
+            tier: d.tier.clone(),
+            score: d.score,
+            model_requested: asked.filter(|_| !written).map(str::to_string),
+        };
+        facts::put_route(env.state, &route);
         if let Ok(mut reg) = self.router.registry.try_borrow_mut() {
             let model = d.upstream_model.as_deref().or(asked).unwrap_or("unknown");
             reg.add(env.metrics, metric::ROUTED, &[("model", model)], 1);

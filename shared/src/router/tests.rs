@@ -61,6 +61,11 @@ fn run(r: &Rc<Router>, ex: &Exchange) -> Outcome {
     run_with(r, ex, FakeFilterState::default())
 }
 
+/// The route fact the router published (empty when none).
+fn routed(state: &FakeFilterState) -> facts::Route {
+    facts::route(state).unwrap_or_default()
+}
+
 fn chat(model: &str, text: &str) -> String {
     json!({"model": model, "messages": [{"role": "user", "content": text}]}).to_string()
 }
@@ -102,8 +107,8 @@ fn routes_each_request_to_its_target() {
         if route != "azure" {
             assert_eq!(body["model"].as_str(), model, "{name}: {body}");
         }
-        assert_eq!(out.state.text(facts::ROUTE), Some(route), "{name}");
-        assert_eq!(out.state.text(facts::MODEL), model, "{name}");
+        assert_eq!(routed(&out.state).target, route, "{name}");
+        assert_eq!(routed(&out.state).model.as_deref(), model, "{name}");
         assert!(
             out.state.refused.is_empty(),
             "{name}: {:?}",
@@ -131,7 +136,7 @@ fn rewrites_for_azure_and_injects_the_targets_key() {
     assert_eq!(up.headers.get("authorization"), None);
     assert_eq!(up.headers.get("x-api-key"), None);
     assert_eq!(up.headers.get(":authority"), Some("x.openai.azure.com"));
-    assert_eq!(out.state.text(facts::PROVIDER), Some("azure"));
+    assert_eq!(routed(&out.state).provider.as_deref(), Some("azure"));
 
     // An Azure-shaped request to an OpenAI target: /v1 path, model in the body.
     let ex = Exchange::post(
@@ -145,14 +150,14 @@ fn rewrites_for_azure_and_injects_the_targets_key() {
     assert_eq!(up.headers.get("authorization"), Some("Bearer sk-small"));
     assert_eq!(up.headers.get("api-key"), None);
     assert_eq!(sent_json(&out)["model"], "gpt-4o-mini");
-    assert_eq!(out.state.text(facts::MODEL_REQUESTED), Some("fast"));
+    assert_eq!(routed(&out.state).model_requested.as_deref(), Some("fast"));
 
     // A target that names no provider leaves the meter to name it from the API.
     let out = run(
         &r,
         &Exchange::post("/v1/chat/completions", &chat("smart", "hi")),
     );
-    assert_eq!(out.state.text(facts::PROVIDER), None);
+    assert_eq!(routed(&out.state).provider, None);
 
     // A target without a key leaves the client's alone.
     let ex = Exchange::post("/v1/chat/completions", &chat("smart", "hi"))
@@ -307,7 +312,7 @@ fn splits_follow_their_weights_and_stick() {
         let ex = Exchange::post("/v1/chat/completions", &chat("gpt-4.1", "hi"))
             .header("x-request-id", &format!("req-{i}"));
         let out = run(&r, &ex);
-        if out.state.text(facts::ROUTE) == Some("canary") {
+        if routed(&out.state).target == "canary" {
             canary += 1;
         }
     }
@@ -319,7 +324,7 @@ fn splits_follow_their_weights_and_stick() {
     let once = |id: &str| {
         let ex = Exchange::post("/v1/chat/completions", &chat("gpt-4.1", "hi"))
             .header("x-request-id", id);
-        run(&r, &ex).state.text(facts::ROUTE).map(str::to_string)
+        routed(&run(&r, &ex).state).target
     };
     assert_eq!(once("abc"), once("abc"));
     // Sticky per consumer: every request of one consumer goes one way.
@@ -329,7 +334,7 @@ fn splits_follow_their_weights_and_stick() {
                 let ex = Exchange::post("/v1/chat/completions", &chat("sticky", "hi"))
                     .header("x-aigw-consumer", c)
                     .header("x-request-id", &i.to_string());
-                run(&r, &ex).state.text(facts::ROUTE).unwrap().to_string()
+                routed(&run(&r, &ex).state).target
             })
             .collect();
         assert_eq!(routes.len(), 1, "{c}: {routes:?}");
@@ -343,9 +348,10 @@ fn auto_publishes_its_score_and_tier() {
         &r,
         &Exchange::post("/v1/chat/completions", &chat("auto", "hi there")),
     );
-    assert_eq!(out.state.text(facts::ROUTE_TIER), Some("small"));
-    assert_eq!(out.state.text(facts::ROUTE_SCORE), Some("0"));
-    assert_eq!(out.state.text(facts::ROUTE_REASON), Some("auto:small"));
+    let route = routed(&out.state);
+    assert_eq!(route.tier.as_deref(), Some("small"));
+    assert_eq!(route.score, Some(0));
+    assert_eq!(route.reason, "auto:small");
     // Non-auto requests publish neither, but say what chose their route.
     let reasons = [
         (chat("fast", "hi"), vec![], "alias:fast"),
@@ -358,8 +364,8 @@ fn auto_publishes_its_score_and_tier() {
             ex = ex.header(k, v);
         }
         let out = run(&r, &ex);
-        assert_eq!(out.state.text(facts::ROUTE_TIER), None);
-        assert_eq!(out.state.text(facts::ROUTE_REASON), Some(reason));
+        assert_eq!(routed(&out.state).tier, None);
+        assert_eq!(routed(&out.state).reason, reason);
     }
 }
 
@@ -374,11 +380,7 @@ fn facts_other_filters_wrote_are_read_not_rewritten() {
         .with(facts::MODEL_REQUESTED, "fast")
         .with(facts::CONSUMER, "gold-1");
     let out = run_with(&r, &Exchange::post("/v1/chat/completions", &body), state);
-    assert_eq!(
-        out.state.text(facts::ROUTE),
-        Some("large"),
-        "the consumer fact wins"
-    );
+    assert_eq!(routed(&out.state).target, "large", "the consumer fact wins");
     assert!(out.state.refused.is_empty(), "{:?}", out.state.refused);
 }
 
@@ -556,7 +558,7 @@ fn without_held_headers_it_routes_on_headers_alone() {
         let up = out.upstream.as_ref().unwrap();
         assert_eq!(up.headers.get("x-aigw-target"), Some(target), "{}", ex.path);
         assert_eq!(up.body, ex.request_body, "the body is untouched");
-        assert_eq!(out.state.text(facts::MODEL), model, "{}", ex.path);
+        assert_eq!(routed(&out.state).model.as_deref(), model, "{}", ex.path);
     }
 }
 

@@ -463,7 +463,7 @@ impl Stage for ScreenStage {
         if body.bytes().iter().all(u8::is_ascii_whitespace) {
             return Step::Continue;
         }
-        let Ok(mut v) = serde_json::from_slice::<Value>(body.bytes()) else {
+        let Some(v) = body.json_mut() else {
             // What cannot be read cannot be screened, and an upstream more
             // lenient than serde_json (a lone surrogate escape, say) would
             // read text that was never looked at: refuse it.
@@ -475,14 +475,12 @@ impl Stage for ScreenStage {
                 "content-screen could not read the request body as JSON",
             ));
         };
-        let (step, changed) = self.screen_request(env, &mut v);
+        let (step, changed) = self.screen_request(env, v);
         if step != Step::Continue {
             return step;
         }
         if changed {
-            if let Ok(bytes) = serde_json::to_vec(&v) {
-                body.replace(bytes);
-            }
+            body.commit_json();
         }
         if let Some(m) = &self.screen.c.moderation {
             if !self.prompt.trim().is_empty() {
@@ -613,7 +611,7 @@ impl Stage for ScreenStage {
         self.response_status
     }
 
-    fn log(&mut self, env: &mut Env<'_>, _input: &LogInput) {
+    fn log(&mut self, env: &mut Env<'_>, _input: &dyn LogInput) {
         if self.api.is_none() {
             return;
         }

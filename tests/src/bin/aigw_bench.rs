@@ -21,6 +21,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+#[derive(Clone)]
 struct Opts {
     seconds: u64,
     connections: usize,
@@ -34,6 +35,8 @@ struct Opts {
     floor: bool,
     /// Bytes of user prompt (default: a short question).
     prompt_bytes: Option<usize>,
+    /// Only these rows (and bare Envoy, the base of every ratio).
+    rows: Option<Vec<String>>,
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -44,11 +47,17 @@ fn parse_opts() -> Result<Opts, String> {
         instructions: 0,
         floor: false,
         prompt_bytes: None,
+        rows: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--floor" {
             opts.floor = true;
+            continue;
+        }
+        if a == "--rows" {
+            let list = args.next().ok_or("--rows takes a comma-separated list")?;
+            opts.rows = Some(list.split(',').map(str::to_string).collect());
             continue;
         }
         let mut value = |name: &str| {
@@ -507,6 +516,9 @@ fn run() -> Result<(), String> {
     if !opts.floor && filter_names(&gateway).iter().any(|n| n == "prompt-cache") {
         rows.push(("bundle-hit".into(), bundle.clone(), vec![Hit]));
     }
+    if let Some(only) = &opts.rows {
+        rows.retain(|(name, _, _)| name == "bare envoy" || only.contains(name));
+    }
     let mock = MockLlm::start().map_err(|e| e.to_string())?;
     if opts.instructions > 0 {
         let variants: Vec<(&str, String)> = rows
@@ -645,7 +657,8 @@ fn run() -> Result<(), String> {
         };
         let short = Opts {
             seconds: opts.seconds.min(3),
-            ..opts
+            rows: None,
+            ..opts.clone()
         };
         load(envoy.addr(), envoy.pid(), Json, &short)?;
         rss.push((name, rss_mib(envoy.pid())?));
