@@ -630,10 +630,25 @@ fn run() -> Result<(), String> {
         if pinned {
             pin(envoy.pid(), "1");
         }
-        p99.push((name, open_loop(envoy.addr(), rate, opts.seconds.max(2))?));
+        // Warm first, as the timed rows are (their best run is never the
+        // first): V8 tiers the module's hot code up in the first thousands
+        // of requests, on the one core Envoy is pinned to, and those
+        // compile pauses are not the steady state being measured.
+        let warm = Opts {
+            seconds: 1,
+            rows: None,
+            ..opts.clone()
+        };
+        load(envoy.addr(), envoy.pid(), Json, &warm)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..opts.repeat {
+            best = best.min(open_loop(envoy.addr(), rate, opts.seconds.max(2))?);
+        }
+        p99.push((name, best));
     }
     println!(
-        "p99 at {rate} req/s (open loop, 8 connections): bare {:.2} ms, bundle {:.2} ms ({:.2}x).",
+        "p99 at {rate} req/s (open loop, 8 connections, after a warm-up, best of {}): bare {:.2} ms, bundle {:.2} ms ({:.2}x).",
+        opts.repeat,
         p99[0].1,
         p99[1].1,
         p99[1].1 / p99[0].1
