@@ -6,7 +6,7 @@
 //! default the consumer, so one tenant is never served another's answer),
 //! within the temperature and tools policy, and not bypassed by the client
 //! (`Cache-Control: no-cache` skips the lookup, `no-store` the store, the
-//! bypass header both). *Which* entry answers it: a SHA-256 key over the
+//! bypass header both). *Which* entry answers it: a BLAKE3 key over the
 //! scope, the API, the model and the canonical body (see [`key`]). *What*
 //! may be stored: a 200 whose finish reasons are allowed and whose stream,
 //! if it streamed, ended whole and without an error event.

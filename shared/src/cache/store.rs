@@ -61,9 +61,9 @@ struct Meta {
     sum: String,
 }
 
-/// Catches a truncated or corrupt body, not an adversary (the key is the
-/// SHA-256): a 64-bit multiply-xorshift over 8-byte words, a few
-/// instructions a word where SHA-256 takes about twenty a byte, and stable
+/// Catches a truncated or corrupt body, not an adversary (the key is a
+/// BLAKE3 digest): a 64-bit multiply-xorshift over 8-byte words, a few
+/// instructions a word where SHA-256 took about twenty a byte, and stable
 /// across builds, since Redis keeps entries across upgrades.
 fn checksum(body: &[u8]) -> String {
     const K: u64 = 0x9E37_79B9_7F4A_7C15;
