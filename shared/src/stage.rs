@@ -59,9 +59,19 @@ impl Headers {
         self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
-    /// Sets a header, replacing every value it had.
+    /// Sets a header, replacing every value it had. Setting the one value
+    /// it already has changes nothing and costs the shell no host call
+    /// (two stages asking for `accept-encoding: identity`, a consumer
+    /// header the client already sent right).
     pub fn set(&mut self, name: &str, value: impl Into<String>) {
         let value = value.into();
+        let mut same = self
+            .pairs
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name));
+        if same.next().is_some_and(|(_, v)| *v == value) && same.next().is_none() {
+            return;
+        }
         self.pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         self.pairs.push((name.to_string(), value.clone()));
         self.edits.push(Edit::Set(name.to_string(), value));
@@ -530,6 +540,23 @@ mod tests {
             ]
         );
         assert!(h.edits().is_empty());
+    }
+
+    #[test]
+    fn setting_the_value_a_header_has_is_no_edit() {
+        let mut h = Headers::new(vec![
+            ("accept-encoding".into(), "identity".into()),
+            ("x-two".into(), "a".into()),
+            ("x-two".into(), "a".into()),
+        ]);
+        h.set("accept-encoding", "identity");
+        assert!(h.edits().is_empty());
+        // Two values become one: that is a change.
+        h.set("x-two", "a");
+        assert_eq!(h.take_edits(), vec![Edit::Set("x-two".into(), "a".into())]);
+        assert_eq!(h.iter().filter(|(k, _)| *k == "x-two").count(), 1);
+        h.set("accept-encoding", "gzip");
+        assert_eq!(h.edits().len(), 1);
     }
 
     #[test]
