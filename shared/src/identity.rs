@@ -20,6 +20,7 @@
 
 use crate::config::{self, ConfigError};
 use crate::facts;
+use crate::presence::{Presence, Writer};
 use crate::stage::{Env, Headers, Reply};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -64,6 +65,9 @@ pub struct Identity {
     default_consumer: Option<String>,
     consumer_header: String,
     groups: BTreeMap<String, Vec<String>>,
+    /// Whether a filter before this one names the consumer (in DESIGN
+    /// order none does: reading the fact anyway costs a host call a request).
+    above: Presence,
 }
 
 pub const DEFAULT_CONSUMER_HEADER: &str = "x-aigw-consumer";
@@ -153,6 +157,7 @@ impl Identity {
             default_consumer,
             consumer_header,
             groups: c.groups,
+            above: Presence::default(),
         })
     }
 
@@ -183,8 +188,12 @@ impl Identity {
         env: &mut Env<'_>,
         headers: &mut Headers,
     ) -> Result<(String, Source), Reply> {
-        if let Some(c) = facts::text(env.state, facts::CONSUMER) {
-            return Ok((c, Source::Fact));
+        let probing = self.above.begin();
+        if self.above.wants(Writer::Identity, probing) {
+            if let Some(c) = facts::text(env.state, facts::CONSUMER) {
+                self.above.saw(Writer::Identity);
+                return Ok((c, Source::Fact));
+            }
         }
         let (consumer, source) = self.lookup(env, headers)?;
         if source != Source::Header || self.header.as_deref() != Some(&self.consumer_header) {

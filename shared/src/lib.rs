@@ -14,6 +14,7 @@ pub mod facts; // per-request facts the filters share, one key each
 pub mod host; // the proxy-wasm adapter: the only code that names the SDK
 pub mod identity; // who is calling: API-key digests, a header, the client address
 pub mod metrics; // metric names, labels, and the series bound
+pub mod presence; // which other filters publish facts here, learnt, so absent ones cost no host call
 pub mod stage; // the interface every filter's logic implements
 
 // What LLM APIs send.

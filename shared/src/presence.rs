@@ -4,9 +4,10 @@
 //! through its attribute machinery: about 12,000 instructions each, measured
 //! with `./scripts/bench.sh --floor --instructions` (four reads cost more
 //! than copying both header maps). The meter alone would pay that for the
-//! eight facts of filters that are not there, on every request, about half
-//! of what it costs. So it reads a writer's facts only once it has seen that
-//! writer publish one. It looks on every request of the VM's first
+//! facts of filters that are not there, on every request, about half of
+//! what it costs; rate-limit's identity would pay it for a consumer that in
+//! DESIGN order no filter before it names. So a stage reads a writer's
+//! facts only once it has seen that writer publish one. It looks on every request of the VM's first
 //! [`LEARN`], and then on one request in [`PROBE_EVERY`], so a filter added
 //! later is found within that many requests; a writer once seen is read on
 //! every request after. Each writer is recognised by the fact it writes on
@@ -27,6 +28,8 @@ pub enum Writer {
     Cache,
     /// content-screen (`aigw.screen`).
     Screen,
+    /// token-meter (`aigw.usage`).
+    Meter,
     /// model-router (`aigw.route`, with the model and provider it chose).
     Router,
 }
@@ -37,7 +40,7 @@ pub const LEARN: u64 = 64;
 pub const PROBE_EVERY: u64 = 64;
 
 /// What this VM has seen, shared by its requests.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Presence {
     seen: Cell<u8>,
     requests: Cell<u64>,

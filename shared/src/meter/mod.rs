@@ -19,12 +19,12 @@
 //! composes the access-log line.
 
 pub mod access_log;
-pub mod presence;
 pub mod price;
 
 use crate::config::{self, ConfigError};
 use crate::facts;
 use crate::metrics::{self, Registry};
+use crate::presence::{Presence, Writer};
 use crate::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, RootEnv, Stage, Step};
 use crate::wire::api::{self, Api, Family, Operation};
 use crate::wire::decode::{Decoder, Fed};
@@ -33,7 +33,6 @@ use crate::wire::request::{self, RequestFacts, TextLen};
 use crate::wire::sse::{self, Item};
 use crate::wire::usage::{estimate_tokens, Observed, Usage, UsageSource, WireUsage};
 use access_log::Line;
-use presence::{Presence, Writer};
 use price::{PriceConfig, Prices};
 use serde::Deserialize;
 use std::borrow::Cow;

@@ -280,7 +280,19 @@ impl RateLimitStage {
         let identity = &self.f.c.identity;
         let consumer = self.consumer.as_str();
         let model = facts.and_then(|f| f.model.as_deref());
-        let routed = facts::route(env.state).and_then(|r| r.model);
+        // Only a rule on the routed model needs the router's fact (which in
+        // DESIGN order is not there yet): no host call for it otherwise.
+        let routed = if self
+            .f
+            .c
+            .rules
+            .iter()
+            .any(|r| r.matcher.routed_models.is_some())
+        {
+            facts::route(env.state).and_then(|r| r.model)
+        } else {
+            None
+        };
         self.f
             .c
             .rules
