@@ -454,6 +454,33 @@ mod tests {
     }
 
     #[test]
+    fn a_consumer_published_after_learning_is_found_by_a_probe() {
+        use crate::presence::{LEARN, PROBE_EVERY};
+        let id = identity(r#"{"header": "x-aigw-consumer"}"#);
+        for _ in 0..LEARN {
+            let (r, _) = resolve(
+                &id,
+                &mut FakeFilterState::default(),
+                &[("x-aigw-consumer", "bob")],
+            );
+            assert_eq!(r.unwrap().1, Source::Header);
+        }
+        // A filter that names the consumer is added before this one: within
+        // one probe interval its word is taken, and from then on always.
+        let published = || FakeFilterState::default().with(facts::CONSUMER, "carol");
+        let found = (0..PROBE_EVERY).position(|_| {
+            resolve(&id, &mut published(), &[])
+                .0
+                .is_ok_and(|r| r.1 == Source::Fact)
+        });
+        assert!(found.is_some(), "not found within {PROBE_EVERY} requests");
+        for _ in 0..3 * PROBE_EVERY {
+            let (r, _) = resolve(&id, &mut published(), &[]);
+            assert_eq!(r.unwrap(), ("carol".to_string(), Source::Fact));
+        }
+    }
+
+    #[test]
     fn bad_identity_config_names_the_field() {
         let cases = [
             (r#"{"api_keys": {"abc": "alice"}}"#, "identity.api_keys.abc"),
