@@ -643,18 +643,21 @@ impl MeterStage {
         let routed_response = route
             .as_ref()
             .and_then(|_| facts::text(&*env.state, facts::MODEL_RESPONSE));
-        let (routed, route_reason, routed_model, routed_provider) = match &route {
-            Some(r) => (
-                Some(r.target.clone()),
-                Some(r.reason.clone()),
-                r.model.clone(),
-                r.provider.clone(),
-            ),
-            None => (None, None, None, None),
+        let ran = route.is_some();
+        let facts::Route {
+            target,
+            reason,
+            model: routed_model,
+            provider: routed_provider,
+            tier: route_tier,
+            score: route_score,
+            model_requested: routed_requested,
+        } = route.unwrap_or_default();
+        let (routed, route_reason) = if ran {
+            (Some(target), Some(reason))
+        } else {
+            (None, None)
         };
-        let route_tier = route.as_ref().and_then(|r| r.tier.clone());
-        let route_score = route.as_ref().and_then(|r| r.score);
-        let routed_requested = route.and_then(|r| r.model_requested);
         let usage = self.publish_usage(env, status);
         // A cached answer's line shows the tokens it saved (its replayed
         // usage), while the token metrics and the cost count none.
