@@ -19,7 +19,7 @@
 
 use regex::{Regex, RegexSet};
 use regex_automata::hybrid::dfa::{Cache, DFA};
-use regex_automata::{Anchored, Input};
+use regex_automata::{Anchored, Input, MatchKind};
 use std::cell::RefCell;
 use std::net::Ipv6Addr;
 
@@ -407,15 +407,10 @@ pub struct Detector {
     pub kind: Kind,
     pub action: Action,
     regex: Regex,
-    live: Option<DFA>,
     allow: Allow,
     /// The regex has a `v` group: only that part is redacted.
     value_group: bool,
 }
-
-/// Room the lazy DFA of one detector may use for its states; past it the
-/// cache is cleared and rebuilt, so memory stays bounded.
-const DFA_CACHE_BYTES: usize = 256 * 1024;
 
 impl Detector {
     pub fn builtin(kind: Kind, action: Action, allow: Allow) -> Result<Detector, String> {
@@ -429,20 +424,11 @@ impl Detector {
         allow: Allow,
     ) -> Result<Detector, String> {
         let regex = Regex::new(pattern).map_err(|e| e.to_string())?;
-        let live = DFA::builder()
-            .configure(
-                DFA::config()
-                    .cache_capacity(DFA_CACHE_BYTES)
-                    .unicode_word_boundary(true),
-            )
-            .build(pattern)
-            .ok();
         Ok(Detector {
             kind,
             action,
             value_group: regex.capture_names().any(|n| n == Some("v")),
             regex,
-            live,
             allow,
         })
     }
@@ -471,38 +457,36 @@ impl Detector {
         }
         None
     }
+}
 
-    /// Whether a match could start at `at` and go past the end of `text`.
-    /// A run still alive after `cap` bytes counts as live.
-    fn live_at(&self, text: &str, at: usize, cap: usize, cache: Option<&mut Cache>) -> bool {
-        let (Some(dfa), Some(cache)) = (&self.live, cache) else {
-            return true;
-        };
-        let input = Input::new(text).range(at..).anchored(Anchored::Yes);
-        let Ok(mut sid) = dfa.start_state_forward(cache, &input) else {
-            return true;
-        };
+/// Whether a match could start at `at` and go past the end of `text`: the
+/// anchored run from `at` is still alive at the end. A run still alive
+/// after `cap` bytes counts as live.
+fn live_at(dfa: &DFA, cache: &mut Cache, text: &str, at: usize, cap: usize) -> bool {
+    let input = Input::new(text).range(at..).anchored(Anchored::Yes);
+    let Ok(mut sid) = dfa.start_state_forward(cache, &input) else {
+        return true;
+    };
+    if sid.is_dead() {
+        return false;
+    }
+    let bytes = &text.as_bytes()[at..];
+    if bytes.len() > cap {
+        return true;
+    }
+    for &b in bytes {
+        match dfa.next_state(cache, sid, b) {
+            Ok(next) => sid = next,
+            Err(_) => return true,
+        }
         if sid.is_dead() {
             return false;
         }
-        let bytes = &text.as_bytes()[at..];
-        if bytes.len() > cap {
+        if sid.is_quit() {
             return true;
         }
-        for &b in bytes {
-            match dfa.next_state(cache, sid, b) {
-                Ok(next) => sid = next,
-                Err(_) => return true,
-            }
-            if sid.is_dead() {
-                return false;
-            }
-            if sid.is_quit() {
-                return true;
-            }
-        }
-        true
     }
+    true
 }
 
 fn next_char(text: &str, at: usize) -> usize {
@@ -546,20 +530,39 @@ pub struct Scanner {
     /// detectors can match at all, so a clean text costs one scan, not one
     /// per detector.
     set: Option<RegexSet>,
-    caches: RefCell<Vec<Option<Cache>>>,
+    /// All the patterns in one lazy DFA that reports every pattern (not the
+    /// leftmost-first one), run anchored from a tail position: its run dies
+    /// only when no detector can match from there. `None` when the patterns
+    /// do not fit one DFA; then every tail position counts as live (held up
+    /// to the bound).
+    live: Option<(DFA, RefCell<Cache>)>,
 }
+
+/// Room the lazy DFA of the live check may use for its states; past it the
+/// cache is cleared and rebuilt, so memory stays bounded.
+const DFA_CACHE_BYTES: usize = 512 * 1024;
 
 impl Scanner {
     pub fn new(detectors: Vec<Detector>) -> Scanner {
-        let caches = detectors
-            .iter()
-            .map(|d| d.live.as_ref().map(DFA::create_cache))
-            .collect();
-        let set = RegexSet::new(detectors.iter().map(|d| d.regex.as_str())).ok();
+        let patterns: Vec<&str> = detectors.iter().map(|d| d.regex.as_str()).collect();
+        let set = RegexSet::new(&patterns).ok();
+        let live = DFA::builder()
+            .configure(
+                DFA::config()
+                    .match_kind(MatchKind::All)
+                    .cache_capacity(DFA_CACHE_BYTES)
+                    .unicode_word_boundary(true),
+            )
+            .build_many(&patterns)
+            .ok()
+            .map(|dfa| {
+                let cache = dfa.create_cache();
+                (dfa, RefCell::new(cache))
+            });
         Scanner {
             detectors,
             set,
-            caches: RefCell::new(caches),
+            live,
         }
     }
 
@@ -579,6 +582,24 @@ impl Scanner {
     /// checked.
     pub fn scan_held(&self, text: &str, from: usize, final_text: bool, max_hold: usize) -> Scan {
         let mut found = Vec::new();
+        // The common text matches nothing: one forward scan says so, cheaper
+        // than the overlapping scan that says which detectors may match.
+        if self
+            .set
+            .as_ref()
+            .is_some_and(|set| !set.is_match_at(text, from))
+        {
+            let safe = if final_text {
+                text.len()
+            } else {
+                self.first_live(
+                    text,
+                    from.max(text.len().saturating_sub(max_hold)),
+                    max_hold,
+                )
+            };
+            return Scan { found, safe };
+        }
         let mut p = from;
         // Each detector's next match at or after p, found once and reused
         // until p passes its start.
@@ -654,17 +675,15 @@ impl Scanner {
 
     /// The first position at or after `from` where a match could still start.
     fn first_live(&self, text: &str, from: usize, cap: usize) -> usize {
-        let mut caches = match self.caches.try_borrow_mut() {
-            Ok(c) => c,
-            Err(_) => return from,
+        let Some((dfa, cache)) = &self.live else {
+            return from;
+        };
+        let Ok(mut cache) = cache.try_borrow_mut() else {
+            return from;
         };
         let mut at = from;
         while at < text.len() {
-            if text.is_char_boundary(at)
-                && self.detectors.iter().enumerate().any(|(i, d)| {
-                    d.live_at(text, at, cap, caches.get_mut(i).and_then(Option::as_mut))
-                })
-            {
+            if text.is_char_boundary(at) && live_at(dfa, &mut cache, text, at, cap) {
                 return at;
             }
             at += 1;

@@ -877,3 +877,29 @@ proptest! {
         prop_assert_eq!(anthropic_text(&out.client_body), want);
     }
 }
+
+#[test]
+fn clean_prose_is_released_as_it_comes() {
+    // The live check runs every detector's pattern at once: a tail position
+    // is held only while some detector could still match from it.
+    let s = screen(ALL);
+    let mut t = Tally::default();
+    let mut ts = stream::TextStream::default();
+    for piece in [
+        "The tide ",
+        "came in ",
+        "slowly, ",
+        "and the ",
+        "boats rose. ",
+    ] {
+        assert_eq!(ts.push(&s, piece, &mut t), piece);
+        assert_eq!(ts.held(), 0, "{piece:?}");
+    }
+    // An address cut by the piece boundary waits until it is whole.
+    let out = ts.push(&s, "Write to bob.smith@exam", &mut t);
+    assert!(!out.contains("bob"), "{out:?}");
+    assert!(ts.held() >= "bob.smith@exam".len());
+    let out = ts.push(&s, "ple.com today. ", &mut t);
+    assert!(!out.contains("example.com"), "{out:?}");
+    assert_eq!(ts.held(), 0);
+}
