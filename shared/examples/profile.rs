@@ -37,7 +37,7 @@ fn main() -> Result<(), String> {
         .to_string();
         let answer = if stream {
             let mut chunks: Vec<Vec<u8>> = (0..5)
-                .map(|k| format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"word{k} \"}}}}]}}\n\n").into_bytes())
+                .map(|k| format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"word{k} \"}}}}],\"usage\":null}}\n\n").into_bytes())
                 .collect();
             chunks.push(b"data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[],\"usage\":{\"prompt_tokens\":200,\"completion_tokens\":5,\"total_tokens\":205}}\n\ndata: [DONE]\n\n".to_vec());
             Exchange::post("/v1/chat/completions", &body).answer(200, "text/event-stream", chunks)

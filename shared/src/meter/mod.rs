@@ -317,7 +317,13 @@ impl MeterStage {
                     Item::Event(e) => match on_event(seen, family, e.event_type, e.data, true) {
                         EventUse::Keep => out.extend_from_slice(e.raw),
                         EventUse::UsageOnly => {}
-                        EventUse::NullUsage => out.extend_from_slice(&without_null_usage(e.raw)),
+                        EventUse::NullUsage(a, b) => match data_offset(e.raw, e.data) {
+                            Some(at) => {
+                                out.extend_from_slice(&e.raw[..at + a]);
+                                out.extend_from_slice(&e.raw[at + b..]);
+                            }
+                            None => out.extend_from_slice(&without_null_usage(e.raw)),
+                        },
                     },
                     Item::Other { raw } => out.extend_from_slice(raw),
                     Item::Spill(raw) => out.extend_from_slice(raw),
@@ -902,8 +908,9 @@ enum EventUse {
     Keep,
     /// The chunk that only exists because the meter asked for usage.
     UsageOnly,
-    /// A chunk that carries `"usage":null` only because the meter asked.
-    NullUsage,
+    /// A chunk that carries `"usage":null` only because the meter asked:
+    /// the byte range of the data to drop.
+    NullUsage(usize, usize),
 }
 
 #[derive(Deserialize)]
@@ -996,18 +1003,72 @@ fn on_event(
     }
     match (&ev.usage, &ev.choices) {
         (Some(_), Some(c)) if c.is_empty() => EventUse::UsageOnly,
-        (None, Some(_)) if null_usage_span(data).is_some() => EventUse::NullUsage,
+        (None, Some(_)) => match null_usage_span(data) {
+            Some((a, b)) => EventUse::NullUsage(a, b),
+            None => EventUse::Keep,
+        },
         _ => EventUse::Keep,
     }
 }
 
-/// The byte range of the top-level `"usage":null` member and one adjacent comma.
-///
-/// Only the top level is the meter's: a `"usage":null` inside a nested
-/// object (a tool's arguments, a provider's extension) is the provider's
-/// and stays. So the walk tracks strings and nesting from the first `{`, and
-/// looks only at keys one level deep.
-fn null_usage_span(raw: &[u8]) -> Option<(usize, usize)> {
+/// The byte range of the top-level `"usage":null` member and one adjacent
+/// comma in an event's data (valid JSON). OpenAI puts it last, which a look
+/// at the end finds; anywhere else takes the walk.
+fn null_usage_span(data: &[u8]) -> Option<(usize, usize)> {
+    trailing_null_usage(data).or_else(|| walked_null_usage(data))
+}
+
+/// `"usage":null` as the last member: the final `}` of valid JSON closes
+/// the outermost object, so the member right before it is at the top level,
+/// and a key's opening quote follows `,` or `{` (inside a string it would
+/// follow a backslash).
+fn trailing_null_usage(data: &[u8]) -> Option<(usize, usize)> {
+    let ws = |b: u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    let back = |mut i: usize| {
+        while i > 0 && ws(data[i - 1]) {
+            i -= 1;
+        }
+        i
+    };
+    let close = back(data.len()).checked_sub(1)?;
+    if data[close] != b'}' {
+        return None;
+    }
+    let end = back(close);
+    let null = end.checked_sub(4)?;
+    if &data[null..end] != b"null" {
+        return None;
+    }
+    let colon = back(null).checked_sub(1)?;
+    if data[colon] != b':' {
+        return None;
+    }
+    let key = b"\"usage\"";
+    let pos = back(colon).checked_sub(key.len())?;
+    if &data[pos..pos + key.len()] != key {
+        return None;
+    }
+    let before = back(pos);
+    match before.checked_sub(1).map(|i| data[i]) {
+        Some(b',') => Some((before - 1, end)),
+        Some(b'{') => Some((pos, end)),
+        _ => None,
+    }
+}
+
+/// Where `data` starts in `raw`, when it is a slice of it (an event of one
+/// data line); a joined multi-line data is not.
+fn data_offset(raw: &[u8], data: &[u8]) -> Option<usize> {
+    let at = (data.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+    let end = at.checked_add(data.len())?;
+    (raw.get(at..end) == Some(data)).then_some(at)
+}
+
+/// The same span found by walking the text from its first `{`, tracking
+/// strings and nesting, looking only at keys one level deep: a
+/// `"usage":null` inside a nested object (a tool's arguments, a provider's
+/// extension) is the provider's and stays.
+fn walked_null_usage(raw: &[u8]) -> Option<(usize, usize)> {
     let key = b"\"usage\"";
     let ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
     let pos = top_level_key(raw, key)?;
@@ -1087,7 +1148,7 @@ fn top_level_key(raw: &[u8], quoted: &[u8]) -> Option<usize> {
 }
 
 fn without_null_usage(raw: &[u8]) -> Vec<u8> {
-    match null_usage_span(raw) {
+    match walked_null_usage(raw) {
         Some((a, b)) => [&raw[..a], &raw[b..]].concat(),
         None => raw.to_vec(),
     }

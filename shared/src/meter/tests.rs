@@ -793,7 +793,23 @@ fn strips_null_usage_members() {
             *want,
             "{raw}"
         );
+        // The look at the end finds what the walk finds, or leaves it to it.
+        let data = raw.strip_prefix("data: ").unwrap().as_bytes();
+        let cut = |(a, b): (usize, usize)| [&data[..a], &data[b..]].concat();
+        let span = null_usage_span(data);
+        assert_eq!(span.map(cut), walked_null_usage(data).map(cut), "{raw}");
+        assert_eq!(
+            span.map_or(data.to_vec(), cut),
+            want.strip_prefix("data: ").unwrap().as_bytes(),
+            "{raw}"
+        );
+        if let Some(fast) = trailing_null_usage(data) {
+            assert_eq!(Some(fast), walked_null_usage(data), "{raw}");
+        }
     }
+    let raw = b"data: {\"a\":1,\"usage\":null}\n\n";
+    assert_eq!(data_offset(raw, &raw[6..raw.len() - 2]), Some(6));
+    assert_eq!(data_offset(raw, b"{\"a\":1}"), None);
 }
 
 #[test]
