@@ -12,7 +12,11 @@
 //! answer's, so the meter above counts what the hit saved.
 
 use crate::wire::api::Operation;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
+use std::fmt;
 
 /// Assembles a streamed answer as its events pass, without holding them.
 #[derive(Debug)]
@@ -69,6 +73,25 @@ impl Assembler {
             self.done = true;
             return;
         }
+        if matches!(self.op, Operation::Chat | Operation::Completions) {
+            // Read typed and borrowed: a chunk is small and there are many.
+            let object = data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+            let Some(chunk) = object
+                .then(|| serde_json::from_slice::<ChunkWire<'_>>(data).ok())
+                .flatten()
+            else {
+                // A stream we cannot read whole is not one we replay.
+                self.failed = true;
+                return;
+            };
+            let kind = chunk.kind.0.as_deref().map_or(event_type, str::as_bytes);
+            if chunk.error || kind == b"error" {
+                self.failed = true;
+                return;
+            }
+            self.openai_chunk(chunk);
+            return;
+        }
         let Ok(Value::Object(v)) = serde_json::from_slice::<Value>(data) else {
             // A stream we cannot read whole is not one we replay.
             self.failed = true;
@@ -84,28 +107,34 @@ impl Assembler {
             return;
         }
         match self.op {
-            Operation::Chat | Operation::Completions => self.openai_chunk(v),
             Operation::Messages => self.anthropic_event(&kind, v),
             Operation::Responses => self.responses_event(&kind, v),
-            Operation::Embeddings => self.failed = true,
+            Operation::Chat | Operation::Completions | Operation::Embeddings => self.failed = true,
         }
     }
 
-    fn openai_chunk(&mut self, mut v: Map<String, Value>) {
-        if let Some(u) = v.remove("usage").filter(|u| !u.is_null()) {
+    fn openai_chunk(&mut self, chunk: ChunkWire<'_>) {
+        if let Some(u) = chunk.usage.filter(|u| !u.is_null()) {
             self.usage = Some(u);
         }
-        let choices = v.remove("choices");
-        for k in ["id", "created", "model", "system_fingerprint"] {
-            if let Some(x) = v.get(k).filter(|x| !x.is_null()) {
-                self.head.entry(k.to_string()).or_insert_with(|| x.clone());
+        let head = [
+            ("id", chunk.id),
+            ("created", chunk.created),
+            ("model", chunk.model),
+            ("system_fingerprint", chunk.system_fingerprint),
+        ];
+        for (k, x) in head {
+            if let Some(x) = x.filter(|x| !x.is_null()) {
+                if !self.head.contains_key(k) {
+                    self.head.insert(k.to_string(), x);
+                }
             }
         }
-        let Some(Value::Array(choices)) = choices else {
+        let Some(choices) = chunk.choices else {
             return;
         };
         for c in choices {
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let index = c.index.as_ref().and_then(Value::as_u64).unwrap_or(0) as usize;
             if index > 64 {
                 self.failed = true;
                 return;
@@ -114,53 +143,26 @@ impl Assembler {
                 self.choices.push(ChoiceAcc::default());
             }
             let acc = &mut self.choices[index];
-            if let Some(f) = c.get("finish_reason").filter(|f| !f.is_null()) {
-                acc.finish_reason = Some(f.clone());
+            if let Some(f) = c.finish_reason.filter(|f| !f.is_null()) {
+                acc.finish_reason = Some(f);
             }
-            if let Some(t) = c.get("text").and_then(Value::as_str) {
+            if let Some(t) = &c.text.0 {
                 acc.text.push_str(t);
             }
-            let Some(d) = c.get("delta") else { continue };
-            if let Some(r) = d.get("role").and_then(Value::as_str) {
-                acc.role = Some(r.to_string());
+            let Some(d) = c.delta else { continue };
+            if let Some(r) = d.role.0 {
+                acc.role = Some(r.into_owned());
             }
-            if let Some(t) = d.get("content").and_then(Value::as_str) {
+            if let Some(t) = &d.content.0 {
                 acc.content.get_or_insert_with(String::new).push_str(t);
             }
-            if let Some(t) = d.get("refusal").and_then(Value::as_str) {
+            if let Some(t) = &d.refusal.0 {
                 acc.refusal.get_or_insert_with(String::new).push_str(t);
             }
-            if let Some(Value::Array(calls)) = d.get("tool_calls") {
-                for call in calls {
-                    let i = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
-                    if i > 128 {
-                        self.failed = true;
-                        return;
-                    }
-                    while acc.tool_calls.len() <= i {
-                        let mut m = Map::new();
-                        m.insert("function".into(), json!({"name": "", "arguments": ""}));
-                        acc.tool_calls.push(m);
-                    }
-                    let slot = &mut acc.tool_calls[i];
-                    for k in ["id", "type"] {
-                        if let Some(x) = call.get(k).filter(|x| !x.is_null()) {
-                            slot.insert(k.into(), x.clone());
-                        }
-                    }
-                    if let Some(f) = call.get("function") {
-                        let func = slot.entry("function").or_insert_with(|| json!({}));
-                        for k in ["name", "arguments"] {
-                            if let Some(part) = f.get(k).and_then(Value::as_str) {
-                                let so_far = func.get(k).and_then(Value::as_str).unwrap_or("");
-                                let joined = format!("{so_far}{part}");
-                                if !set(func, k, Value::String(joined)) {
-                                    self.failed = true;
-                                    return;
-                                }
-                            }
-                        }
-                    }
+            if let Some(Value::Array(calls)) = &d.tool_calls {
+                if !add_tool_calls(acc, calls) {
+                    self.failed = true;
+                    return;
                 }
             }
         }
@@ -329,6 +331,147 @@ impl Assembler {
             Operation::Responses => self.response,
             Operation::Embeddings => None,
         }
+    }
+}
+
+/// Adds a chunk's tool-call pieces to a choice; `false` for pieces that
+/// cannot be joined (an index out of bounds, a function that is not an
+/// object).
+fn add_tool_calls(acc: &mut ChoiceAcc, calls: &[Value]) -> bool {
+    for call in calls {
+        let i = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+        if i > 128 {
+            return false;
+        }
+        while acc.tool_calls.len() <= i {
+            let mut m = Map::new();
+            m.insert("function".into(), json!({"name": "", "arguments": ""}));
+            acc.tool_calls.push(m);
+        }
+        let slot = &mut acc.tool_calls[i];
+        for k in ["id", "type"] {
+            if let Some(x) = call.get(k).filter(|x| !x.is_null()) {
+                slot.insert(k.into(), x.clone());
+            }
+        }
+        if let Some(f) = call.get("function") {
+            let func = slot.entry("function").or_insert_with(|| json!({}));
+            for k in ["name", "arguments"] {
+                if let Some(part) = f.get(k).and_then(Value::as_str) {
+                    let so_far = func.get(k).and_then(Value::as_str).unwrap_or("");
+                    let joined = format!("{so_far}{part}");
+                    if !set(func, k, Value::String(joined)) {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+    true
+}
+
+/// The members of an OpenAI chat or completions chunk the assembler keeps,
+/// borrowed where they are text. Members whose type varies between
+/// providers stay JSON values.
+#[derive(Deserialize)]
+struct ChunkWire<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: LooseStr<'a>,
+    #[serde(default, deserialize_with = "present")]
+    error: bool,
+    #[serde(default)]
+    usage: Option<Value>,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    created: Option<Value>,
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    system_fingerprint: Option<Value>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChoiceWire<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceWire<'a> {
+    #[serde(default)]
+    index: Option<Value>,
+    #[serde(default)]
+    finish_reason: Option<Value>,
+    #[serde(borrow, default)]
+    text: LooseStr<'a>,
+    #[serde(borrow, default)]
+    delta: Option<DeltaWire<'a>>,
+}
+
+#[derive(Deserialize)]
+struct DeltaWire<'a> {
+    #[serde(borrow, default)]
+    role: LooseStr<'a>,
+    #[serde(borrow, default)]
+    content: LooseStr<'a>,
+    #[serde(borrow, default)]
+    refusal: LooseStr<'a>,
+    #[serde(default)]
+    tool_calls: Option<Value>,
+}
+
+/// A member that is there, whatever its value (`"error": null` included).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    IgnoredAny::deserialize(d).map(|_| true)
+}
+
+/// A string, borrowed when it has no escapes; any other value reads as
+/// none, as `Value::as_str` would have it.
+#[derive(Default)]
+struct LooseStr<'a>(Option<Cow<'a, str>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for LooseStr<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(LooseStrVisitor(std::marker::PhantomData))
+    }
+}
+
+struct LooseStrVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for LooseStrVisitor<'a> {
+    type Value = LooseStr<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(LooseStr(Some(Cow::Borrowed(v))))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(LooseStr(Some(Cow::Owned(v.to_string()))))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(LooseStr(Some(Cow::Owned(v))))
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(LooseStr(None))
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(LooseStr(None))
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(LooseStr(None))
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(LooseStr(None))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(LooseStr(None))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(LooseStr(None))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(LooseStr(None))
     }
 }
 
@@ -809,6 +952,45 @@ mod tests {
         let failed =
             b"event: response.failed\ndata: {\"type\":\"response.failed\",\"response\":{}}\n\n";
         assert!(assemble(Operation::Responses, failed).is_none());
+    }
+
+    #[test]
+    fn openai_chunks_are_read_as_json_reads_them() {
+        // Escaped text is joined unescaped; members of another type than
+        // text are skipped, as `Value::as_str` skips them; the head is the
+        // first chunk's.
+        let s = concat!(
+            "data: {\"id\":\"c1\",\"created\":1,\"model\":\"m\",\"system_fingerprint\":null,",
+            "\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"a\\n\\\"b\\u00e9 \"},",
+            "\"finish_reason\":null}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c2\",\"model\":7,\"choices\":[{\"index\":0,\"delta\":{\"content\":[1,{\"x\":2}],",
+            "\"refusal\":5},\"text\":{}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"c\"},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2,\"total_tokens\":3}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let answer = assemble(Operation::Chat, s.as_bytes()).unwrap();
+        assert_eq!(
+            answer,
+            json!({"id":"c1","object":"chat.completion","created":1,"model":"m",
+                   "choices":[{"index":0,"message":{"role":"assistant","content":"a\n\"b\u{e9} c"},
+                               "logprobs":null,"finish_reason":"stop"}],
+                   "usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}})
+        );
+        // An error member, even null, and data that is not an object end it.
+        for bad in [
+            "data: {\"error\":null,\"choices\":[]}\n\n",
+            "data: {\"type\":\"error\"}\n\n",
+            "data: []\n\n",
+            "data: \"x\"\n\n",
+        ] {
+            let stream = format!("{s}{bad}");
+            let mut a = Assembler::new(Operation::Chat);
+            for (t, d) in events(stream.as_bytes()) {
+                a.event(t.as_bytes(), d.as_bytes());
+            }
+            assert!(a.failed(), "{bad}");
+        }
     }
 
     #[test]
