@@ -43,6 +43,19 @@ pub fn label_value(v: &str) -> String {
 }
 
 fn push_label_value(out: &mut String, v: &str) {
+    // The usual value (a model name, a consumer id) is short printable
+    // ASCII with nothing to replace: copied whole, not char by char.
+    let plain = |b: u8| {
+        b.is_ascii_graphic() && !matches!(b, b';' | b'=' | b'"' | b'\\' | b',' | b'{' | b'}')
+    };
+    if !v.is_empty() && v.len() <= MAX_LABEL_VALUE && v.bytes().all(plain) {
+        out.push_str(v);
+        return;
+    }
+    push_label_chars(out, v);
+}
+
+fn push_label_chars(out: &mut String, v: &str) {
     let start = out.len();
     for c in v.chars().take(MAX_LABEL_VALUE) {
         out.push(match c {
@@ -237,6 +250,20 @@ mod tests {
             assert_eq!(label_value(v), want);
         }
         assert_eq!(label_value(&"x".repeat(500)).len(), MAX_LABEL_VALUE);
+        // The whole-copy path writes what the char-by-char one writes.
+        let mut values: Vec<String> = (0u8..128).map(|b| format!("a{}b", b as char)).collect();
+        values.extend([
+            "é-model".to_string(),
+            "x".repeat(96),
+            "x".repeat(97),
+            String::new(),
+        ]);
+        for v in values {
+            let (mut fast, mut slow) = (String::new(), String::new());
+            push_label_value(&mut fast, &v);
+            push_label_chars(&mut slow, &v);
+            assert_eq!(fast, slow, "{v:?}");
+        }
         assert_eq!(
             stat_name("aigw_tokens_total", &[("model", "m"), ("consumer", "c")]),
             "aigw_tokens_total;model=m;consumer=c"
