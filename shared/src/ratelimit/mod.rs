@@ -498,7 +498,7 @@ impl RateLimitStage {
         let mut reply =
             Reply::error(429, kind, code, &message).with_header("retry-after", retry_s.to_string());
         for (k, v) in headers_for(&self.standings, true) {
-            reply = reply.with_header(&k, v);
+            reply = reply.with_header(k, v);
         }
         Step::Reply(reply)
     }
@@ -705,57 +705,91 @@ fn service_call(
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` from the tightest
 /// limit of each kind, and the IETF `RateLimit-Policy` / `RateLimit` lists
 /// with every limit. `all` false gives the remaining-* headers only.
-pub fn headers_for(standings: &[Standing], all: bool) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (suffix, tokens) in [("requests", false), ("tokens", true)] {
+pub fn headers_for(standings: &[Standing], all: bool) -> Vec<(&'static str, String)> {
+    let mut out = Vec::with_capacity(8);
+    for tokens in [false, true] {
         let tightest = standings
             .iter()
             .filter(|s| s.kind.is_tokens() == tokens)
             .min_by_key(|s| (s.remaining, std::cmp::Reverse(s.reset_ms)));
-        if let Some(s) = tightest {
-            out.push((format!("x-ratelimit-limit-{suffix}"), s.max.to_string()));
-            out.push((
-                format!("x-ratelimit-remaining-{suffix}"),
-                s.remaining.to_string(),
-            ));
-            out.push((
-                format!("x-ratelimit-reset-{suffix}"),
-                openai_duration(s.reset_ms),
-            ));
+        let Some(s) = tightest else { continue };
+        let [limit, remaining, reset] = if tokens {
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ]
+        } else {
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ]
+        };
+        if all {
+            out.push((limit, number(s.max)));
         }
-    }
-    if !all {
-        out.retain(|(k, _)| k.starts_with("x-ratelimit-remaining-"));
+        out.push((remaining, number(s.remaining)));
+        if all {
+            out.push((reset, openai_duration(s.reset_ms)));
+        }
     }
     if !standings.is_empty() {
-        use std::fmt::Write;
-        let (mut policy, mut now) = (String::new(), String::new());
+        // Written piece by piece: this runs on every answer, and the
+        // formatting machinery costs more than the text.
+        let (mut policy, mut now) = (String::with_capacity(128), String::with_capacity(128));
         for (i, s) in standings.iter().enumerate() {
-            let sep = if i > 0 { ", " } else { "" };
-            let name = (s.rule.as_str(), s.kind.name(), s.window);
-            let _ = write!(
-                policy,
-                "{sep}\"{}.{}_per_{}\";q={};w={}",
-                name.0,
-                name.1,
-                name.2,
-                s.max,
-                s.window.nominal_secs()
-            );
-            let _ = write!(
-                now,
-                "{sep}\"{}.{}_per_{}\";r={};t={}",
-                name.0,
-                name.1,
-                name.2,
-                s.remaining,
-                s.reset_ms.div_ceil(1000)
-            );
+            for (text, a, av, b, bv) in [
+                (&mut policy, ";q=", s.max, ";w=", s.window.nominal_secs()),
+                (
+                    &mut now,
+                    ";r=",
+                    s.remaining,
+                    ";t=",
+                    s.reset_ms.div_ceil(1000),
+                ),
+            ] {
+                if i > 0 {
+                    text.push_str(", ");
+                }
+                text.push('"');
+                text.push_str(&s.rule);
+                text.push('.');
+                text.push_str(s.kind.name());
+                text.push_str("_per_");
+                text.push_str(s.window.name());
+                text.push('"');
+                text.push_str(a);
+                push_number(text, av);
+                text.push_str(b);
+                push_number(text, bv);
+            }
         }
-        out.push(("ratelimit-policy".into(), policy));
-        out.push(("ratelimit".into(), now));
+        out.push(("ratelimit-policy", policy));
+        out.push(("ratelimit", now));
     }
     out
+}
+
+fn number(n: u64) -> String {
+    let mut s = String::with_capacity(20);
+    push_number(&mut s, n);
+    s
+}
+
+/// Appends `n` in decimal.
+fn push_number(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[i..].iter().map(|&d| char::from(d)));
 }
 
 impl Stage for RateLimitStage {
@@ -856,7 +890,7 @@ impl Stage for RateLimitStage {
     ) -> Step {
         if self.f.c.response_headers && self.denial.is_none() {
             for (k, v) in headers_for(&self.standings, true) {
-                headers.set(&k, v);
+                headers.set(k, v);
             }
         }
         Step::Continue

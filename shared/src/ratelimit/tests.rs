@@ -589,3 +589,61 @@ fn a_failed_service_follows_the_failure_mode() {
         }
     }
 }
+
+#[test]
+fn headers_name_the_tightest_limit_of_each_kind_and_list_them_all() {
+    let standing = |rule: &str, kind, window, max, remaining, reset_ms| Standing {
+        rule: rule.into(),
+        kind,
+        window,
+        max,
+        remaining,
+        reset_ms,
+    };
+    let standings = [
+        standing(
+            "rpm",
+            Kind::Requests,
+            window::Window::Minute,
+            60,
+            59,
+            30_500,
+        ),
+        standing(
+            "rpd",
+            Kind::Requests,
+            window::Window::Day,
+            1000,
+            7,
+            3_600_000,
+        ),
+        standing(
+            "tpm",
+            Kind::TotalTokens,
+            window::Window::Minute,
+            u64::MAX,
+            0,
+            999,
+        ),
+    ];
+    let got = headers_for(&standings, true);
+    let want = [
+        ("x-ratelimit-limit-requests", "1000"),
+        ("x-ratelimit-remaining-requests", "7"),
+        ("x-ratelimit-reset-requests", "1h0m0s"),
+        ("x-ratelimit-limit-tokens", "18446744073709551615"),
+        ("x-ratelimit-remaining-tokens", "0"),
+        ("x-ratelimit-reset-tokens", "999ms"),
+        (
+            "ratelimit-policy",
+            "\"rpm.requests_per_minute\";q=60;w=60, \"rpd.requests_per_day\";q=1000;w=86400, \"tpm.total_tokens_per_minute\";q=18446744073709551615;w=60",
+        ),
+        (
+            "ratelimit",
+            "\"rpm.requests_per_minute\";r=59;t=31, \"rpd.requests_per_day\";r=7;t=3600, \"tpm.total_tokens_per_minute\";r=0;t=1",
+        ),
+    ];
+    let got: Vec<(&str, &str)> = got.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(got, want);
+    assert!(headers_for(&[], true).is_empty());
+}
