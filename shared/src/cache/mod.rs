@@ -691,9 +691,17 @@ impl CacheStage {
         }
     }
 
-    fn finish_capture(&mut self, env: &mut Env<'_>) {
+    /// Stores what was captured; `last` is the response's last piece,
+    /// which is all of it when the answer was read whole.
+    fn finish_capture(&mut self, env: &mut Env<'_>, last: &mut Chunk) {
         match std::mem::replace(&mut self.capture, Capture::Off) {
             Capture::Off => {}
+            Capture::Json(bytes) if bytes.as_slice() == last.bytes() => {
+                // Parsed once for every stage that reads it (the screen above).
+                if let Some(answer) = last.json().filter(|a| a.is_object()) {
+                    self.store(env, bytes, answer);
+                }
+            }
             Capture::Json(bytes) => {
                 if let Ok(answer) = serde_json::from_slice::<Value>(&bytes) {
                     if answer.is_object() {
@@ -943,7 +951,7 @@ impl Stage for CacheStage {
             self.capture = Capture::Off;
         }
         if end_of_stream {
-            self.finish_capture(env);
+            self.finish_capture(env, chunk);
         }
         Step::Continue
     }

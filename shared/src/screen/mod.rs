@@ -575,14 +575,13 @@ impl Stage for ScreenStage {
                     self.tally
                         .note("unscreenable", Action::Block, Direction::Response);
                     self.replace_answer(chunk);
-                } else if let Ok(mut v) = serde_json::from_slice::<Value>(chunk.bytes()) {
-                    let changed = screen.screen_answer(&mut v, &mut self.tally);
+                } else if let Some(v) = chunk.json_mut() {
+                    // The document the cache below may already have parsed.
+                    let changed = screen.screen_answer(v, &mut self.tally);
                     if !self.tally.blocked.is_empty() {
                         self.replace_answer(chunk);
                     } else if changed {
-                        if let Ok(bytes) = serde_json::to_vec(&v) {
-                            chunk.set(bytes);
-                        }
+                        chunk.commit_json();
                     }
                 } else if !chunk.bytes().is_empty() {
                     // Not JSON after all (text/plain, say): screen it as text.
