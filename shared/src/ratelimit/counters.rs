@@ -16,6 +16,8 @@ use crate::boundary::{CasError, SharedData};
 /// Slots per (rule, kind, window): spreads consumers so that workers rarely
 /// contend on one key, while the slots of a limit stay few enough to create up front.
 pub const SLOTS: u64 = 64;
+// place_of writes a slot number of at most two digits.
+const _: () = assert!(SLOTS <= 100);
 /// Compare-and-swap attempts before giving up (contention that high means
 /// dozens of workers on one slot at once).
 const ATTEMPTS: usize = 256;
@@ -48,6 +50,22 @@ pub fn place(prefix: &str, subject: &str) -> Place {
         key: format!("{prefix}/{}", subject % SLOTS),
         subject,
     }
+}
+
+/// [`place`] of a limit's counter, `aigw.rl/<rule>/<kind>_per_<window>/<slot>`,
+/// written in one string: this runs for every limit of every request.
+pub fn place_of(rule: &str, kind: &str, window: &str, subject: &str) -> Place {
+    let subject = hash(subject);
+    let slot = subject % SLOTS;
+    let mut key = String::with_capacity(rule.len() + kind.len() + window.len() + 20);
+    for part in ["aigw.rl/", rule, "/", kind, "_per_", window, "/"] {
+        key.push_str(part);
+    }
+    if slot >= 10 {
+        key.push(char::from(b'0' + (slot / 10) as u8));
+    }
+    key.push(char::from(b'0' + (slot % 10) as u8));
+    Place { key, subject }
 }
 
 /// Creates the slots of a counter kind that are not there yet.

@@ -250,7 +250,10 @@ pub struct RateLimitStage {
     decided: bool,
 }
 
-const BASE: &str = "aigw_ratelimit";
+const REQUESTS_TOTAL: &str = "aigw_ratelimit_requests_total";
+const TOKENS_RESERVED_TOTAL: &str = "aigw_ratelimit_tokens_reserved_total";
+const TOKENS_SETTLED_TOTAL: &str = "aigw_ratelimit_tokens_settled_total";
+const SERVICE_ERRORS_TOTAL: &str = "aigw_ratelimit_service_errors_total";
 /// How often each worker sweeps the local counters of past windows.
 const SWEEP_MS: u64 = 60_000;
 
@@ -342,7 +345,12 @@ impl RateLimitStage {
             let mut outcome = RuleOutcome::Allow;
             for limit in rule.limits_for(&self.consumer) {
                 let (start, end) = limit.window.span(now);
-                let place = counters::place(&counters::prefix(&rule.name, &limit.key()), &subject);
+                let place = counters::place_of(
+                    &rule.name,
+                    limit.kind.name(),
+                    limit.window.name(),
+                    &subject,
+                );
                 let ask = self.ask;
                 let standing = |used: u64| Standing {
                     rule: rule.name.clone(),
@@ -440,7 +448,7 @@ impl RateLimitStage {
         let f = Rc::clone(&self.f);
         if self.service_failed {
             if let Ok(mut reg) = f.registry.try_borrow_mut() {
-                reg.add(env.metrics, &format!("{BASE}_service_errors_total"), &[], 1);
+                reg.add(env.metrics, SERVICE_ERRORS_TOTAL, &[], 1);
             }
             if let Some(s) = &f.c.service {
                 if s.failure_mode == FailureMode::Deny {
@@ -516,7 +524,7 @@ impl RateLimitStage {
             let [r, c] = self.labels(&rule.name);
             reg.add(
                 env.metrics,
-                &format!("{BASE}_requests_total"),
+                REQUESTS_TOTAL,
                 &[r, c, ("outcome", o.name())],
                 1,
             );
@@ -528,7 +536,7 @@ impl RateLimitStage {
             {
                 reg.add(
                     env.metrics,
-                    &format!("{BASE}_tokens_reserved_total"),
+                    TOKENS_RESERVED_TOTAL,
                     &[r, c],
                     self.ask.tokens(),
                 );
@@ -663,12 +671,7 @@ impl RateLimitStage {
         if let Ok(mut reg) = self.f.registry.try_borrow_mut() {
             for ri in settled_rules {
                 let [r, c] = self.labels(&f.c.rules[ri].name);
-                reg.add(
-                    env.metrics,
-                    &format!("{BASE}_tokens_settled_total"),
-                    &[r, c],
-                    used.tokens(),
-                );
+                reg.add(env.metrics, TOKENS_SETTLED_TOTAL, &[r, c], used.tokens());
             }
         }
     }

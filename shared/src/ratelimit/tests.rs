@@ -591,6 +591,19 @@ fn a_failed_service_follows_the_failure_mode() {
 }
 
 #[test]
+fn a_limit_counter_lives_where_its_prefix_says() {
+    for subject in ["alice", "bob", "*", ""] {
+        let want = counters::place(&counters::prefix("tpm", "total_tokens_per_minute"), subject);
+        let got = counters::place_of("tpm", "total_tokens", "minute", subject);
+        assert_eq!(
+            (got.key, got.subject),
+            (want.key, want.subject),
+            "{subject:?}"
+        );
+    }
+}
+
+#[test]
 fn headers_name_the_tightest_limit_of_each_kind_and_list_them_all() {
     let standing = |rule: &str, kind, window, max, remaining, reset_ms| Standing {
         rule: rule.into(),
