@@ -23,11 +23,16 @@ pub struct Normalized<'a> {
     original_len: usize,
 }
 
+/// ASCII with no whitespace but single spaces: one pass, a byte at a time.
 fn plain(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.iter()
-        .all(|c| c.is_ascii() && !matches!(c, b'\t' | b'\n' | b'\r' | 0x0b | 0x0c))
-        && !b.windows(2).any(|w| w == b"  ")
+    let mut space = false;
+    for &c in s.as_bytes() {
+        if c >= 0x80 || matches!(c, b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) || (space && c == b' ') {
+            return false;
+        }
+        space = c == b' ';
+    }
+    true
 }
 
 impl<'a> Normalized<'a> {
@@ -166,6 +171,18 @@ mod tests {
         let n = Normalized::new("hello world");
         assert!(matches!(n.text, Cow::Borrowed(_)));
         assert_eq!(n.original(6, 11), (6, 11));
+        for (s, is_plain) in [
+            ("", true),
+            (" a b ", true),
+            ("a  b", false),
+            ("a\tb", false),
+            ("a\nb", false),
+            ("a\x0bb", false),
+            ("é", false),
+            ("ends  ", false),
+        ] {
+            assert_eq!(plain(s), is_plain, "{s:?}");
+        }
     }
 
     #[test]
