@@ -14,7 +14,6 @@
 use crate::wire::api::Operation;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use std::borrow::Cow;
 use std::fmt;
@@ -124,17 +123,11 @@ impl Assembler {
             ("model", chunk.model),
             ("system_fingerprint", chunk.system_fingerprint),
         ];
-        for (k, raw) in head {
-            let Some(raw) = raw else { continue };
-            if self.head.contains_key(k) {
-                continue;
-            }
-            match serde_json::from_str::<Value>(raw.get()) {
-                Ok(Value::Null) => {}
-                Ok(x) => {
+        for (k, x) in head {
+            if let Some(x) = x.filter(|x| !x.is_null()) {
+                if !self.head.contains_key(k) {
                     self.head.insert(k.to_string(), x);
                 }
-                Err(_) => self.failed = true,
             }
         }
         let Some(choices) = chunk.choices else {
@@ -388,16 +381,14 @@ struct ChunkWire<'a> {
     error: bool,
     #[serde(default)]
     usage: Option<Value>,
-    /// The head members, read only while the head lacks them: borrowed
-    /// as written until then.
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    created: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    model: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    system_fingerprint: Option<&'a RawValue>,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    created: Option<Value>,
+    #[serde(default)]
+    model: Option<Value>,
+    #[serde(default)]
+    system_fingerprint: Option<Value>,
     #[serde(borrow, default)]
     choices: Option<Vec<ChoiceWire<'a>>>,
 }
