@@ -15,12 +15,20 @@ fn every_step_passes_requests_through() {
     let mock = MockLlm::start().unwrap();
     let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"one two"}]}"#;
     let direct = client::post(mock.addr(), "/v1/chat/completions", &[], body).unwrap();
-    for step in ["idle", "headers", "body", "log"] {
+    for step in ["idle", "headers", "body", "log", "io"] {
         let envoy = Envoy::start_text(&with_floor(&gateway, step).unwrap(), mock.addr()).unwrap();
         let resp = client::post(envoy.addr(), "/v1/chat/completions", &[], body).unwrap();
         assert_eq!(resp.status, 200, "{step}");
         assert_eq!(resp.body, direct.body, "{step}");
         assert_eq!(mock.last_request().unwrap().body, body.as_bytes(), "{step}");
+        if step == "io" {
+            // The io step edits headers both ways and rewrites stream chunks.
+            assert_eq!(resp.header("x-aigw-floor-8"), Some("0123456789"));
+            let stream = body.replace("\"messages\"", "\"stream\":true,\"messages\"");
+            let resp = client::post(envoy.addr(), "/v1/chat/completions", &[], &stream).unwrap();
+            assert_eq!(resp.status, 200);
+            assert!(String::from_utf8_lossy(&resp.body).ends_with("data: [DONE]\n\n\n"));
+        }
     }
     let bad = with_floor(&gateway, "everything").unwrap();
     let err = Envoy::start_text(&bad, mock.addr()).err().unwrap();

@@ -13,10 +13,17 @@
 //!   reads the whole request body (as every body-reading filter does).
 //! - `"log"`: as `body`, and it reads the request's id, status, duration
 //!   and route in the log phase and writes an access-log-sized fact.
+//! - `"io"`: as `body`, and every other host call the bundle makes for the
+//!   bench's request, with no logic between them: two request header edits,
+//!   seven shared-data reads and six writes, nine response header edits
+//!   with the JSON answer held and read whole (a stream's every chunk
+//!   rewritten instead, as the meter's usage strip does), and one
+//!   access-log-sized fact. Counted on the in-memory host for the bench's
+//!   configuration; against `bundle`, what remains is the stages' logic.
 
 use aigw_shared::config::ConfigError;
 use aigw_shared::host::{self, Idle, StageHttp};
-use aigw_shared::stage::{Env, Filter, Headers, LogInput, RequestBody, Stage, Step};
+use aigw_shared::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, Stage, Step};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::rc::Rc;
@@ -27,6 +34,7 @@ enum Mode {
     Headers,
     Body,
     Log,
+    Io,
 }
 
 struct Floor(Mode);
@@ -42,46 +50,96 @@ impl Filter for Floor {
             "headers" => Mode::Headers,
             "body" => Mode::Body,
             "log" => Mode::Log,
+            "io" => Mode::Io,
             other => {
                 return Err(ConfigError::new(
                     ".",
-                    format!("{other:?} is not idle, headers, body or log"),
+                    format!("{other:?} is not idle, headers, body, log or io"),
                 ))
             }
         }))
     }
 
     fn stage(f: &Rc<Self>) -> FloorStage {
-        FloorStage(f.0)
+        FloorStage(f.0, false)
     }
 }
 
-struct FloorStage(Mode);
+/// The step, and whether the answer is a stream.
+struct FloorStage(Mode, bool);
 
 impl Stage for FloorStage {
-    fn request_headers(&mut self, _: &mut Env<'_>, _: &mut Headers, _: bool) -> Step {
-        if self.0 == Mode::Headers {
+    fn request_headers(&mut self, _: &mut Env<'_>, headers: &mut Headers, _: bool) -> Step {
+        match self.0 {
+            Mode::Headers => Step::Continue,
+            Mode::Io => {
+                headers.set("x-aigw-floor-a", "1");
+                headers.set("x-aigw-floor-b", "2");
+                Step::ReadBody { hold_headers: true }
+            }
+            _ => Step::ReadBody { hold_headers: true },
+        }
+    }
+
+    fn request_body(&mut self, env: &mut Env<'_>, _: &mut RequestBody, _: &mut Headers) -> Step {
+        if self.0 == Mode::Io {
+            for i in 0..7 {
+                let key = format!("aigw.floor/{i}");
+                let cas = env.shared.get(&key).map(|(_, cas)| cas);
+                if i < 6 {
+                    let _ = env.shared.set(&key, &[1; 64], cas);
+                }
+            }
+        }
+        Step::Continue
+    }
+
+    fn response_headers(&mut self, _: &mut Env<'_>, headers: &mut Headers, _: bool) -> Step {
+        if self.0 != Mode::Io {
+            return Step::Continue;
+        }
+        for i in 0..9 {
+            headers.set(&format!("x-aigw-floor-{i}"), "0123456789");
+        }
+        self.1 = headers
+            .get("content-type")
+            .is_some_and(|t| t.starts_with("text/event-stream"));
+        if self.1 {
             Step::Continue
         } else {
             Step::ReadBody { hold_headers: true }
         }
     }
 
-    fn request_body(&mut self, _: &mut Env<'_>, _: &mut RequestBody, _: &mut Headers) -> Step {
+    fn response_body(&mut self, _: &mut Env<'_>, chunk: &mut Chunk, _: bool) -> Step {
+        if self.0 == Mode::Io && self.1 && !chunk.bytes().is_empty() {
+            // A blank line more between events: the stream says the same.
+            let mut bytes = chunk.bytes().to_vec();
+            bytes.push(b'\n');
+            chunk.set(bytes);
+        }
         Step::Continue
     }
 
+    fn wants_response_body(&self) -> bool {
+        self.0 == Mode::Io
+    }
+
     fn log(&mut self, env: &mut Env<'_>, input: &dyn LogInput) {
-        if self.0 == Mode::Log {
-            // All four properties, as a line that names them all would read them.
-            let read = (
-                input.request_id(),
-                input.status(),
-                input.duration_ms(),
-                input.route_name(),
-            );
-            let line = format!("{:?}", (read, [0u8; 64]));
-            env.state.set("aigw.floor", line.repeat(4).as_bytes());
+        match self.0 {
+            Mode::Log => {
+                // All four properties, as a line that names them all would read them.
+                let read = (
+                    input.request_id(),
+                    input.status(),
+                    input.duration_ms(),
+                    input.route_name(),
+                );
+                let line = format!("{:?}", (read, [0u8; 64]));
+                env.state.set("aigw.floor", line.repeat(4).as_bytes());
+            }
+            Mode::Io => env.state.set("aigw.access_log", &[b'x'; 700]),
+            _ => {}
         }
     }
 }

@@ -497,7 +497,7 @@ fn run() -> Result<(), String> {
         // What Envoy's wasm machinery and the aigw frame cost before any
         // stage does anything, step by step, against the real filters.
         let mut floor = vec![rows.remove(0)];
-        for step in ["idle", "headers", "body", "log"] {
+        for step in ["idle", "headers", "body", "log", "io"] {
             let yaml = aigw_tests::harness::with_floor(&gateway, step)?;
             floor.push((format!("floor {step}"), yaml, vec![Json, Stream]));
         }
@@ -608,7 +608,7 @@ fn run() -> Result<(), String> {
         }
     }
     if opts.floor {
-        println!("\nfloor idle: a wasm filter whose callbacks return at once; headers: the aigw frame copying both header maps; body: and reading the request body with its headers held; log: and reading four properties and writing a fact in the log phase.");
+        println!("\nfloor idle: a wasm filter whose callbacks return at once; headers: the aigw frame copying both header maps; body: and reading the request body with its headers held; log: and reading four properties and writing a fact in the log phase; io: body, and the bundle's other host calls for this request with no logic between them (header edits, shared-data reads and writes, the answer read whole or a stream rewritten, the access-log fact).");
         return Ok(());
     }
     println!("\nCPU µs/req is Envoy's own user+system time per request (from /proc).");
