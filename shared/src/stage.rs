@@ -77,9 +77,15 @@ impl Headers {
         self.edits.push(Edit::Set(name.to_string(), value));
     }
 
+    /// Removes every value of a header. Removing one that is not there
+    /// changes nothing and costs the shell no host call (the meter and the
+    /// screen both drop the length of an answer they may rewrite).
     pub fn remove(&mut self, name: &str) {
+        let before = self.pairs.len();
         self.pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-        self.edits.push(Edit::Remove(name.to_string()));
+        if self.pairs.len() != before {
+            self.edits.push(Edit::Remove(name.to_string()));
+        }
     }
 
     /// The changes made since the last call; the shell applies them.
@@ -589,6 +595,12 @@ mod tests {
         assert_eq!(h.iter().filter(|(k, _)| *k == "x-two").count(), 1);
         h.set("accept-encoding", "gzip");
         assert_eq!(h.edits().len(), 1);
+        h.take_edits();
+        h.remove("content-length");
+        assert!(h.edits().is_empty());
+        h.remove("x-two");
+        h.remove("x-two");
+        assert_eq!(h.take_edits(), vec![Edit::Remove("x-two".into())]);
     }
 
     #[test]

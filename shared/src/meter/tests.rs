@@ -89,6 +89,10 @@ fn run_with(meter: &Rc<Meter>, ex: Exchange<'_>, mut state: FakeFilterState) -> 
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string())),
     );
+    // As Envoy has it for a request with a body.
+    if !ex.body.is_empty() && !req.iter().any(|(k, _)| k == "content-length") {
+        req.push(("content-length".into(), ex.body.len().to_string()));
+    }
     let mut request_edits = HeaderEdits::default();
     let mut headers = Headers::new(req);
     let step = stage.request_headers(&mut env, &mut headers, false);
@@ -338,11 +342,17 @@ fn injected_usage_is_metered_and_removed_from_the_client_stream() {
             r.upstream_body.len().to_string()
         )]
     );
-    assert_eq!(r.response_edits.remove, vec!["content-length".to_string()]);
+    // A chunked stream has no length to drop; one sent with a length loses it.
+    assert!(r.response_edits.remove.is_empty(), "{:?}", r.response_edits);
     assert_eq!(
         String::from_utf8_lossy(&r.client_body),
         String::from_utf8_lossy(&chat_stream_plain())
     );
+    let mut with_length = streamed(vec![chat_stream_with_usage()]);
+    with_length.response_headers.push(("content-length", "999"));
+    let r = run(&meter(""), with_length);
+    assert_eq!(r.response_edits.remove, vec!["content-length".to_string()]);
+    assert_eq!(r.client_body, chat_stream_plain());
     assert_eq!(tokens(&r.line()), counted(&[3, 2], "provider"));
 }
 
