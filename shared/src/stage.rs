@@ -162,7 +162,37 @@ pub struct RequestBody {
     facts: Option<Option<RequestFacts>>,
     /// The body as a JSON document, parsed on first use and shared by every
     /// stage that needs more than the facts (the bundle parses it once).
-    json: Option<Option<serde_json::Value>>,
+    json: Document,
+}
+
+/// Bytes as a JSON document: parsed on first use, kept while the bytes say
+/// what it says. `RequestBody` and `Chunk` share it.
+#[derive(Clone, Debug, Default)]
+struct Document(Option<Option<serde_json::Value>>);
+
+impl Document {
+    /// Known not to be a document (a body that was not read).
+    fn none() -> Document {
+        Document(Some(None))
+    }
+
+    /// The document of `bytes`, parsed now if it was not yet.
+    fn get_mut(&mut self, bytes: &[u8]) -> Option<&mut serde_json::Value> {
+        self.0
+            .get_or_insert_with(|| serde_json::from_slice(bytes).ok())
+            .as_mut()
+    }
+
+    /// The document written out, if there is one (it may have been changed
+    /// in place).
+    fn to_bytes(&self) -> Option<Vec<u8>> {
+        serde_json::to_vec(self.0.as_ref()?.as_ref()?).ok()
+    }
+
+    /// The bytes changed: the document is parsed again if asked.
+    fn forget(&mut self) {
+        self.0 = None;
+    }
 }
 
 impl RequestBody {
@@ -178,7 +208,7 @@ impl RequestBody {
         RequestBody {
             truncated: true,
             facts: Some(None),
-            json: Some(None),
+            json: Document::none(),
             ..RequestBody::default()
         }
     }
@@ -229,20 +259,14 @@ impl RequestBody {
     /// The document, to change in place; [`RequestBody::commit_json`] then
     /// makes the bytes say what it says.
     pub fn json_mut(&mut self) -> Option<&mut serde_json::Value> {
-        if self.json.is_none() {
-            self.json = Some(serde_json::from_slice(&self.bytes).ok());
-        }
-        self.json.as_mut().and_then(Option::as_mut)
+        self.json.get_mut(&self.bytes)
     }
 
     /// Writes the document changed through [`RequestBody::json_mut`] back
     /// as the body. The document stays (it is what the new bytes say); the
     /// facts are parsed again if asked.
     pub fn commit_json(&mut self) {
-        let Some(Some(v)) = &self.json else {
-            return;
-        };
-        if let Ok(bytes) = serde_json::to_vec(v) {
+        if let Some(bytes) = self.json.to_bytes() {
             self.bytes = bytes;
             self.changed = true;
             self.facts = None;
@@ -255,7 +279,7 @@ impl RequestBody {
         self.bytes = bytes;
         self.changed = true;
         self.facts = None;
-        self.json = None;
+        self.json.forget();
     }
 
     pub fn is_changed(&self) -> bool {
@@ -271,7 +295,7 @@ pub struct Chunk {
     truncated: bool,
     /// The bytes as a JSON document, parsed on first use and shared by the
     /// stages that read a whole JSON answer (the bundle parses it once).
-    json: Option<Option<serde_json::Value>>,
+    json: Document,
 }
 
 impl Chunk {
@@ -303,7 +327,7 @@ impl Chunk {
         if bytes != self.bytes {
             self.bytes = bytes;
             self.changed = true;
-            self.json = None;
+            self.json.forget();
         }
     }
 
@@ -316,23 +340,15 @@ impl Chunk {
     /// The document, to change in place; [`Chunk::commit_json`] then makes
     /// the bytes say what it says.
     pub fn json_mut(&mut self) -> Option<&mut serde_json::Value> {
-        if self.json.is_none() {
-            self.json = Some(serde_json::from_slice(&self.bytes).ok());
-        }
-        self.json.as_mut().and_then(Option::as_mut)
+        self.json.get_mut(&self.bytes)
     }
 
     /// Writes the document changed through [`Chunk::json_mut`] back as the
     /// bytes; the document stays, since it is what they now say.
     pub fn commit_json(&mut self) {
-        let Some(Some(v)) = &self.json else {
-            return;
-        };
-        if let Ok(bytes) = serde_json::to_vec(v) {
-            if bytes != self.bytes {
-                self.bytes = bytes;
-                self.changed = true;
-            }
+        if let Some(bytes) = self.json.to_bytes().filter(|b| *b != self.bytes) {
+            self.bytes = bytes;
+            self.changed = true;
         }
     }
 

@@ -16,8 +16,6 @@ use crate::boundary::{CasError, SharedData};
 /// Slots per (rule, kind, window): spreads consumers so that workers rarely
 /// contend on one key, while the slots of a limit stay few enough to create up front.
 pub const SLOTS: u64 = 64;
-// place_of writes a slot number of at most two digits.
-const _: () = assert!(SLOTS <= 100);
 /// Compare-and-swap attempts before giving up (contention that high means
 /// dozens of workers on one slot at once).
 const ATTEMPTS: usize = 256;
@@ -45,26 +43,26 @@ pub fn prefix(rule: &str, counter: &str) -> String {
 }
 
 pub fn place(prefix: &str, subject: &str) -> Place {
-    let subject = hash(subject);
-    Place {
-        key: format!("{prefix}/{}", subject % SLOTS),
-        subject,
-    }
+    place_in(&[prefix], subject)
 }
 
 /// [`place`] of a limit's counter, `aigw.rl/<rule>/<kind>_per_<window>/<slot>`,
-/// written in one string: this runs for every limit of every request.
+/// without composing the prefix first: this runs for every limit of every
+/// request.
 pub fn place_of(rule: &str, kind: &str, window: &str, subject: &str) -> Place {
+    place_in(&["aigw.rl/", rule, "/", kind, "_per_", window], subject)
+}
+
+/// The slot of `subject` under the prefix `parts` make, written in one string.
+fn place_in(parts: &[&str], subject: &str) -> Place {
     let subject = hash(subject);
     let slot = subject % SLOTS;
-    let mut key = String::with_capacity(rule.len() + kind.len() + window.len() + 20);
-    for part in ["aigw.rl/", rule, "/", kind, "_per_", window, "/"] {
+    let mut key = String::with_capacity(parts.iter().map(|p| p.len()).sum::<usize>() + 4);
+    for part in parts {
         key.push_str(part);
     }
-    if slot >= 10 {
-        key.push(char::from(b'0' + (slot / 10) as u8));
-    }
-    key.push(char::from(b'0' + (slot % 10) as u8));
+    key.push('/');
+    super::push_number(&mut key, slot);
     Place { key, subject }
 }
 
