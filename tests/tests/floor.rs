@@ -30,7 +30,25 @@ fn every_step_passes_requests_through() {
             assert!(String::from_utf8_lossy(&resp.body).ends_with("data: [DONE]\n\n\n"));
         }
     }
+    // Each of io's parts loads and passes requests through; io-minus-edits
+    // makes no header edit.
+    for step in [
+        "io-minus-edits",
+        "io-minus-shared",
+        "io-minus-answer",
+        "io-minus-fact",
+    ] {
+        let envoy = Envoy::start_text(&with_floor(&gateway, step).unwrap(), mock.addr()).unwrap();
+        let resp = client::post(envoy.addr(), "/v1/chat/completions", &[], body).unwrap();
+        assert_eq!(resp.status, 200, "{step}");
+        assert_eq!(resp.body, direct.body, "{step}");
+        let edited = resp.header("x-aigw-floor-8").is_some();
+        assert_eq!(edited, step != "io-minus-edits", "{step}");
+    }
     let bad = with_floor(&gateway, "everything").unwrap();
     let err = Envoy::start_text(&bad, mock.addr()).err().unwrap();
     assert!(err.contains("floor: invalid configuration"), "{err}");
+    let bad = with_floor(&gateway, "io-minus-logic").unwrap();
+    let err = Envoy::start_text(&bad, mock.addr()).err().unwrap();
+    assert!(err.contains("io-minus-(edits|shared|answer|fact)"), "{err}");
 }

@@ -20,6 +20,11 @@
 //!   rewritten instead, as the meter's usage strip does), and one
 //!   access-log-sized fact. Counted on the in-memory host for the bench's
 //!   configuration; against `bundle`, what remains is the stages' logic.
+//! - `"io-minus-edits"`, `"io-minus-shared"`, `"io-minus-answer"`,
+//!   `"io-minus-fact"`: `io` without one of its groups of calls (the header
+//!   edits both ways; the shared-data reads and writes; holding and reading
+//!   the JSON answer or rewriting the stream; the fact), so that `io` minus
+//!   the row is what that group costs.
 
 use aigw_shared::config::ConfigError;
 use aigw_shared::host::{self, Idle, StageHttp};
@@ -34,7 +39,37 @@ enum Mode {
     Headers,
     Body,
     Log,
-    Io,
+    Io(Io),
+}
+
+/// The groups of host calls the `io` step makes; `io-minus-<group>` leaves one out.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Io {
+    edits: bool,
+    shared: bool,
+    answer: bool,
+    fact: bool,
+}
+
+impl Io {
+    const ALL: Io = Io {
+        edits: true,
+        shared: true,
+        answer: true,
+        fact: true,
+    };
+
+    fn minus(group: &str) -> Option<Io> {
+        let mut io = Io::ALL;
+        match group {
+            "edits" => io.edits = false,
+            "shared" => io.shared = false,
+            "answer" => io.answer = false,
+            "fact" => io.fact = false,
+            _ => return None,
+        }
+        Some(io)
+    }
 }
 
 struct Floor(Mode);
@@ -50,13 +85,19 @@ impl Filter for Floor {
             "headers" => Mode::Headers,
             "body" => Mode::Body,
             "log" => Mode::Log,
-            "io" => Mode::Io,
-            other => {
-                return Err(ConfigError::new(
-                    ".",
-                    format!("{other:?} is not idle, headers, body, log or io"),
-                ))
-            }
+            "io" => Mode::Io(Io::ALL),
+            other => match other.strip_prefix("io-minus-").and_then(Io::minus) {
+                Some(io) => Mode::Io(io),
+                None => {
+                    return Err(ConfigError::new(
+                        ".",
+                        format!(
+                            "{other:?} is not idle, headers, body, log, io or \
+                             io-minus-(edits|shared|answer|fact)"
+                        ),
+                    ))
+                }
+            },
         }))
     }
 
@@ -72,9 +113,11 @@ impl Stage for FloorStage {
     fn request_headers(&mut self, _: &mut Env<'_>, headers: &mut Headers, _: bool) -> Step {
         match self.0 {
             Mode::Headers => Step::Continue,
-            Mode::Io => {
-                headers.set("x-aigw-floor-a", "1");
-                headers.set("x-aigw-floor-b", "2");
+            Mode::Io(io) => {
+                if io.edits {
+                    headers.set("x-aigw-floor-a", "1");
+                    headers.set("x-aigw-floor-b", "2");
+                }
                 Step::ReadBody { hold_headers: true }
             }
             _ => Step::ReadBody { hold_headers: true },
@@ -82,7 +125,7 @@ impl Stage for FloorStage {
     }
 
     fn request_body(&mut self, env: &mut Env<'_>, _: &mut RequestBody, _: &mut Headers) -> Step {
-        if self.0 == Mode::Io {
+        if matches!(self.0, Mode::Io(io) if io.shared) {
             for i in 0..7 {
                 let key = format!("aigw.floor/{i}");
                 let cas = env.shared.get(&key).map(|(_, cas)| cas);
@@ -95,16 +138,18 @@ impl Stage for FloorStage {
     }
 
     fn response_headers(&mut self, _: &mut Env<'_>, headers: &mut Headers, _: bool) -> Step {
-        if self.0 != Mode::Io {
+        let Mode::Io(io) = self.0 else {
             return Step::Continue;
-        }
-        for i in 0..9 {
-            headers.set(&format!("x-aigw-floor-{i}"), "0123456789");
+        };
+        if io.edits {
+            for i in 0..9 {
+                headers.set(&format!("x-aigw-floor-{i}"), "0123456789");
+            }
         }
         self.1 = headers
             .get("content-type")
             .is_some_and(|t| t.starts_with("text/event-stream"));
-        if self.1 {
+        if self.1 || !io.answer {
             Step::Continue
         } else {
             Step::ReadBody { hold_headers: true }
@@ -112,7 +157,7 @@ impl Stage for FloorStage {
     }
 
     fn response_body(&mut self, _: &mut Env<'_>, chunk: &mut Chunk, _: bool) -> Step {
-        if self.0 == Mode::Io && self.1 && !chunk.bytes().is_empty() {
+        if self.wants_response_body() && self.1 && !chunk.bytes().is_empty() {
             // A blank line more between events: the stream says the same.
             let mut bytes = chunk.bytes().to_vec();
             bytes.push(b'\n');
@@ -122,7 +167,7 @@ impl Stage for FloorStage {
     }
 
     fn wants_response_body(&self) -> bool {
-        self.0 == Mode::Io
+        matches!(self.0, Mode::Io(io) if io.answer)
     }
 
     fn log(&mut self, env: &mut Env<'_>, input: &dyn LogInput) {
@@ -138,7 +183,7 @@ impl Stage for FloorStage {
                 let line = format!("{:?}", (read, [0u8; 64]));
                 env.state.set("aigw.floor", line.repeat(4).as_bytes());
             }
-            Mode::Io => env.state.set("aigw.access_log", &[b'x'; 700]),
+            Mode::Io(io) if io.fact => env.state.set("aigw.access_log", &[b'x'; 700]),
             _ => {}
         }
     }
