@@ -26,6 +26,33 @@ pub trait FilterState {
     fn attribute(&self, _path: &[&str]) -> Option<Vec<u8>> {
         None
     }
+    /// A fact written with [`FilterState::keep`], where facts stay in VM
+    /// memory (the bundle): read back without parsing.
+    fn kept(&self, _key: &str) -> Option<&dyn FactValue> {
+        None
+    }
+    /// Keeps a fact as a value where facts stay in VM memory; its bytes are
+    /// made only if something reads them. False where facts travel as bytes
+    /// (Envoy filter state between modules): the caller then writes them.
+    fn keep(&mut self, _key: &str, _value: Box<dyn FactValue>) -> bool {
+        false
+    }
+}
+
+/// A fact held as a value: the value, and the bytes it is written as.
+pub trait FactValue: std::any::Any {
+    fn as_any(&self) -> &dyn std::any::Any;
+    fn to_bytes(&self) -> Vec<u8>;
+}
+
+/// A JSON-encoded fact (`aigw.route`, `aigw.usage`, `aigw.request`).
+impl<T: serde::Serialize + 'static> FactValue for T {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
 }
 
 /// The kinds of metric the host can keep.

@@ -17,20 +17,42 @@
 //! stages above it: all headers steps run first, then all body steps, in
 //! order, since one body read serves them all.
 
-use crate::boundary::{CalloutError, Callouts, FilterState, GrpcCall, HttpCall};
+use crate::boundary::{CalloutError, Callouts, FactValue, FilterState, GrpcCall, HttpCall};
 use crate::config::{self, ConfigError};
 use crate::facts;
 use crate::stage::{
     CalloutResponse, Chunk, Env, Filter, Headers, LogInput, RequestBody, RootEnv, Stage, Step,
 };
-use std::collections::HashMap;
 use std::rc::Rc;
 
 /// Facts in VM memory, written through to Envoy only for the keys that
-/// something outside the VM reads.
-#[derive(Debug, Default)]
+/// something outside the VM reads. A JSON fact (the route, the usage) is
+/// kept as its value, so the stage that reads it parses nothing; its bytes
+/// are made only if something asks for the bytes.
+///
+/// A request has a dozen facts at most: a list found by comparing keys
+/// costs less than hashing them (SipHash) and growing a table per request.
+#[derive(Default)]
 pub struct MemoryState {
-    values: HashMap<String, Vec<u8>>,
+    values: Vec<(String, Fact)>,
+}
+
+enum Fact {
+    Bytes(Vec<u8>),
+    Value(Box<dyn FactValue>),
+}
+
+impl MemoryState {
+    fn find(&self, key: &str) -> Option<&Fact> {
+        self.values.iter().find(|(k, _)| k == key).map(|(_, f)| f)
+    }
+
+    fn put(&mut self, key: &str, fact: Fact) {
+        match self.values.iter_mut().find(|(k, _)| k == key) {
+            Some((_, f)) => *f = fact,
+            None => self.values.push((key.to_string(), fact)),
+        }
+    }
 }
 
 /// Facts the bundle writes to Envoy's filter state too: the access log
@@ -44,8 +66,9 @@ struct Layered<'a> {
 
 impl FilterState for Layered<'_> {
     fn get(&self, key: &str) -> Option<Vec<u8>> {
-        match self.memory.values.get(key) {
-            Some(v) => Some(v.clone()),
+        match self.memory.find(key) {
+            Some(Fact::Bytes(v)) => Some(v.clone()),
+            Some(Fact::Value(v)) => Some(v.to_bytes()),
             // The bundle is the one writer of the aigw facts: a fact none of
             // its stages wrote is not there, and asking Envoy would only
             // cost a host call. Other keys may come from other filters.
@@ -57,10 +80,23 @@ impl FilterState for Layered<'_> {
         if EXPORTED.contains(&key) {
             self.host.set(key, value);
         }
-        self.memory.values.insert(key.to_string(), value.to_vec());
+        self.memory.put(key, Fact::Bytes(value.to_vec()));
     }
     fn attribute(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.host.attribute(path)
+    }
+    fn kept(&self, key: &str) -> Option<&dyn FactValue> {
+        match self.memory.find(key)? {
+            Fact::Value(v) => Some(v.as_ref()),
+            Fact::Bytes(_) => None,
+        }
+    }
+    fn keep(&mut self, key: &str, value: Box<dyn FactValue>) -> bool {
+        if EXPORTED.contains(&key) {
+            self.host.set(key, &value.to_bytes());
+        }
+        self.memory.put(key, Fact::Value(value));
+        true
     }
 }
 
@@ -572,8 +608,46 @@ mod tests {
         layered.set("aigw.consumer", b"inside");
         layered.set(facts::ACCESS_LOG, b"{}");
         assert_eq!(layered.get("aigw.consumer"), Some(b"inside".to_vec()));
+        // A fact written again says the last value, once.
+        layered.set("aigw.consumer", b"again");
+        assert_eq!(layered.get("aigw.consumer"), Some(b"again".to_vec()));
         assert_eq!(host.text(facts::ACCESS_LOG), Some("{}"));
         assert_eq!(host.text("aigw.consumer"), Some("outside"));
+        assert_eq!(memory.values.len(), 2);
+    }
+
+    #[test]
+    fn json_facts_are_kept_as_values_and_read_as_bytes_on_demand() {
+        let mut host = crate::boundary::FakeFilterState::default();
+        let mut memory = MemoryState::default();
+        let mut layered = Layered {
+            memory: &mut memory,
+            host: &mut host,
+        };
+        let route = facts::Route {
+            target: "fast".into(),
+            reason: "alias:fast".into(),
+            model: Some("gpt-4o-mini".into()),
+            ..facts::Route::default()
+        };
+        facts::put_route(&mut layered, &route);
+        assert!(layered.kept(facts::ROUTE).is_some());
+        assert_eq!(facts::route(&layered), Some(route.clone()));
+        // The bytes are the ones a separate filter writes to filter state.
+        let mut separate = crate::boundary::FakeFilterState::default();
+        facts::put_route(&mut separate, &route);
+        assert_eq!(
+            layered.get(facts::ROUTE),
+            separate.values.get(facts::ROUTE).cloned()
+        );
+        // Bytes written over a kept value win, and are read as bytes.
+        layered.set(facts::ROUTE, br#"{"target":"t","reason":"r"}"#);
+        assert!(layered.kept(facts::ROUTE).is_none());
+        assert_eq!(facts::route(&layered).map(|r| r.target), Some("t".into()));
+        // A kept fact of an exported key reaches Envoy as bytes.
+        assert!(layered.keep(facts::ACCESS_LOG, Box::new(7u32)));
+        assert_eq!(host.text(facts::ACCESS_LOG), Some("7"));
+        assert!(!host.values.contains_key(facts::ROUTE));
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! computed once, by the first filter that needs it, and read after that.
 //! Each read or write is a host call that Envoy answers through its attribute
 //! machinery (about 12,000 instructions), so what one filter decides at one
-//! time is one fact, however many fields it has.
+//! time is one fact, however many fields it has. In the bundle, facts stay
+//! in VM memory, and a JSON fact is kept as its value: the stage that reads
+//! it gets the value back without parsing ([`FilterState::keep`]).
 //!
 //! | key | encoding | written by |
 //! |---|---|---|
@@ -65,17 +67,37 @@ pub fn outcome(
         .copied()
 }
 
-pub fn put_request(state: &mut dyn FilterState, r: &RequestFacts) {
-    if let Ok(bytes) = serde_json::to_vec(r) {
-        state.set(REQUEST, &bytes);
+/// Writes a JSON fact: kept as the value where facts stay in VM memory
+/// (the bundle, where the next reader then parses nothing), else as bytes.
+fn put_json<T: serde::Serialize + Clone + 'static>(state: &mut dyn FilterState, key: &str, v: &T) {
+    if state.keep(key, Box::new(v.clone())) {
+        return;
     }
+    if let Ok(bytes) = serde_json::to_vec(v) {
+        state.set(key, &bytes);
+    }
+}
+
+/// Reads a JSON fact, from the kept value where there is one.
+fn json<T: serde::de::DeserializeOwned + Clone + 'static>(
+    state: &dyn FilterState,
+    key: &str,
+) -> Option<T> {
+    if let Some(v) = state.kept(key) {
+        return v.as_any().downcast_ref::<T>().cloned();
+    }
+    serde_json::from_slice(&state.get(key)?).ok()
+}
+
+pub fn put_request(state: &mut dyn FilterState, r: &RequestFacts) {
+    put_json(state, REQUEST, r);
     if let Some(m) = &r.model {
         state.set(MODEL_REQUESTED, m.as_bytes());
     }
 }
 
 pub fn request(state: &dyn FilterState) -> Option<RequestFacts> {
-    serde_json::from_slice(&state.get(REQUEST)?).ok()
+    json(state, REQUEST)
 }
 
 /// What model-router decided for a request.
@@ -104,23 +126,19 @@ pub struct Route {
 }
 
 pub fn put_route(state: &mut dyn FilterState, r: &Route) {
-    if let Ok(bytes) = serde_json::to_vec(r) {
-        state.set(ROUTE, &bytes);
-    }
+    put_json(state, ROUTE, r);
 }
 
 pub fn route(state: &dyn FilterState) -> Option<Route> {
-    serde_json::from_slice(&state.get(ROUTE)?).ok()
+    json(state, ROUTE)
 }
 
 pub fn put_usage(state: &mut dyn FilterState, u: &Usage) {
-    if let Ok(bytes) = serde_json::to_vec(u) {
-        state.set(USAGE, &bytes);
-    }
+    put_json(state, USAGE, u);
 }
 
 pub fn usage(state: &dyn FilterState) -> Option<Usage> {
-    serde_json::from_slice(&state.get(USAGE)?).ok()
+    json(state, USAGE)
 }
 
 #[cfg(test)]

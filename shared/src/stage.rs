@@ -65,14 +65,22 @@ impl Headers {
     /// header the client already sent right).
     pub fn set(&mut self, name: &str, value: impl Into<String>) {
         let value = value.into();
-        let mut same = self
-            .pairs
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name));
-        if same.next().is_some_and(|(_, v)| *v == value) && same.next().is_none() {
+        // One scan says whether the header is there, and with what: the
+        // usual new header (a rate-limit header, the cache status) is then
+        // pushed without a second pass over the map.
+        let (mut found, mut same) = (0, false);
+        for (k, v) in &self.pairs {
+            if k.eq_ignore_ascii_case(name) {
+                found += 1;
+                same = *v == value;
+            }
+        }
+        if found == 1 && same {
             return;
         }
-        self.pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        if found > 0 {
+            self.pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        }
         self.pairs.push((name.to_string(), value.clone()));
         self.edits.push(Edit::Set(name.to_string(), value));
     }
@@ -594,6 +602,14 @@ mod tests {
             ]
         );
         assert!(h.edits().is_empty());
+        // A header not there is added; names match in any case.
+        h.set("x-new", "v");
+        h.set("X-A", "3");
+        assert_eq!(
+            h.iter().collect::<Vec<_>>(),
+            vec![("x-new", "v"), ("X-A", "3")]
+        );
+        assert_eq!(h.take_edits().len(), 2);
     }
 
     #[test]
