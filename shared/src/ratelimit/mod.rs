@@ -66,19 +66,21 @@ impl RateLimit {
 }
 
 impl RateLimit {
-    /// The slot prefix of every local counter kind, with its window (none in global mode).
-    fn counter_prefixes(&self) -> Vec<(String, window::Window)> {
+    /// The slot prefix of every rule with local counters, with the windows
+    /// of its counters by tag (none in global mode).
+    fn counter_prefixes(&self) -> Vec<(String, Vec<(u64, window::Window)>)> {
         if self.c.service.is_some() {
             return Vec::new();
         }
-        let mut out = Vec::new();
-        for rule in &self.c.rules {
-            for (kind, window) in rule.counters() {
-                let key = format!("{}_per_{}", kind.name(), window.name());
-                out.push((counters::prefix(&rule.name, &key), window));
-            }
-        }
-        out
+        self.c
+            .rules
+            .iter()
+            .map(|rule| {
+                let tags = rule.counters().into_iter().map(|(k, w)| (tag(k, w), w));
+                (counters::prefix(&rule.name), tags.collect::<Vec<_>>())
+            })
+            .filter(|(_, tags)| !tags.is_empty())
+            .collect()
     }
 }
 
@@ -107,8 +109,12 @@ impl Filter for RateLimit {
             return;
         }
         self.swept_ms.set(now);
-        for (prefix, window) in self.counter_prefixes() {
-            counters::sweep(env.shared, &prefix, window.span(now).0);
+        for (prefix, tags) in self.counter_prefixes() {
+            let current = |t: u64| {
+                let (_, w) = tags.iter().find(|(tag, _)| *tag == t)?;
+                Some(w.span(now).0)
+            };
+            counters::sweep(env.shared, &prefix, &current);
         }
     }
 
@@ -343,15 +349,28 @@ impl RateLimitStage {
             let rule = &f.c.rules[ri];
             let subject = self.subject(rule);
             let mut outcome = RuleOutcome::Allow;
-            for limit in rule.limits_for(&self.consumer) {
-                let (start, end) = limit.window.span(now);
-                let place = counters::place_of(
-                    &rule.name,
-                    limit.kind.name(),
-                    limit.window.name(),
-                    &subject,
-                );
-                let ask = self.ask;
+            let limits = rule.limits_for(&self.consumer);
+            let ask = self.ask;
+            let amounts: Vec<_> = limits
+                .iter()
+                .map(|limit| move |used: u64| ask.amount(limit, used))
+                .collect();
+            let asks: Vec<counters::Ask<'_>> = limits
+                .iter()
+                .zip(&amounts)
+                .map(|(limit, amount)| counters::Ask {
+                    tag: tag(limit.kind, limit.window),
+                    window: limit.window.span(now).0,
+                    max: limit.max,
+                    amount,
+                })
+                .collect();
+            // One read and one write for all the rule's limits.
+            let slot = counters::place_of(&rule.name, 0, &subject);
+            let (reserved, written) =
+                counters::reserve_all(env.shared, &slot.key, slot.subject, &asks, !rule.shadow);
+            for ((limit, part), reserved) in limits.iter().zip(&asks).zip(reserved) {
+                let end = limit.window.span(now).1;
                 let standing = |used: u64| Standing {
                     rule: rule.name.clone(),
                     kind: limit.kind,
@@ -360,19 +379,22 @@ impl RateLimitStage {
                     remaining: limit.max.saturating_sub(used),
                     reset_ms: end - now,
                 };
-                let reserved = counters::reserve(env.shared, &place, start, limit.max, &|used| {
-                    ask.amount(limit, used)
-                });
                 match reserved {
                     Ok((amount, n)) => {
                         self.standings.push(standing(n));
-                        self.held.push(Held {
-                            rule: ri,
-                            limit: limit.clone(),
-                            place: Some(place),
-                            window: start,
-                            amount,
-                        });
+                        if written {
+                            self.held.push(Held {
+                                rule: ri,
+                                limit: limit.clone(),
+                                place: Some(Place {
+                                    key: slot.key.clone(),
+                                    subject: slot.subject,
+                                    tag: part.tag,
+                                }),
+                                window: part.window,
+                                amount,
+                            });
+                        }
                     }
                     Err(Refused::Full(used)) => {
                         self.standings.push(standing(used));
@@ -778,6 +800,11 @@ fn number(n: u64) -> String {
     let mut s = String::with_capacity(20);
     push_number(&mut s, n);
     s
+}
+
+/// A limit's tag in its rule's counter slots: its kind and window.
+fn tag(kind: Kind, window: window::Window) -> u64 {
+    ((window as u64) << 8) | kind as u64
 }
 
 /// Appends `n` in decimal.

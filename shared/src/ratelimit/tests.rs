@@ -155,7 +155,11 @@ fn tokens_are_reserved_then_settled_to_the_real_usage() {
         out.client_headers.get("x-ratelimit-remaining-tokens"),
         Some("499")
     );
-    let place = counters::place(&counters::prefix("tpm", "total_tokens_per_minute"), "alice");
+    let place = counters::place(
+        &counters::prefix("tpm"),
+        tag(Kind::TotalTokens, window::Window::Minute),
+        "alice",
+    );
     let (start, _) = window::Window::Minute.span(NOW);
     assert_eq!(counters::read(&h.shared, &place, start), 100);
     // An answer that used more than reserved is charged in full.
@@ -195,7 +199,11 @@ fn an_error_or_an_unmetered_request_settles_to_what_was_used() {
         r#"{"rules": [{"name": "t", "limits": [{"output_tokens": 100, "per": "minute"}]}]}"#,
     );
     let mut h = host(&f);
-    let place = counters::place(&counters::prefix("t", "output_tokens_per_minute"), "alice");
+    let place = counters::place(
+        &counters::prefix("t"),
+        tag(Kind::OutputTokens, window::Window::Minute),
+        "alice",
+    );
     let (start, _) = window::Window::Minute.span(NOW);
     // The meter says nothing was used (an upstream error): all refunded.
     let mut s = crate::boundary::FakeFilterState::default();
@@ -593,13 +601,9 @@ fn a_failed_service_follows_the_failure_mode() {
 #[test]
 fn a_limit_counter_lives_where_its_prefix_says() {
     for subject in ["alice", "bob", "*", ""] {
-        let want = counters::place(&counters::prefix("tpm", "total_tokens_per_minute"), subject);
-        let got = counters::place_of("tpm", "total_tokens", "minute", subject);
-        assert_eq!(
-            (got.key, got.subject),
-            (want.key, want.subject),
-            "{subject:?}"
-        );
+        let want = counters::place(&counters::prefix("tpm"), 7, subject);
+        let got = counters::place_of("tpm", 7, subject);
+        assert_eq!(got, want, "{subject:?}");
     }
 }
 

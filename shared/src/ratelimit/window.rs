@@ -118,18 +118,27 @@ fn days_from_civil(y: u64, m: u64, d: u64) -> u64 {
 /// A duration as OpenAI's `x-ratelimit-reset-*` headers write it: `1s`,
 /// `6m0s`, `1h2m3s`, `250ms`.
 pub fn openai_duration(ms: u64) -> String {
+    // Written piece by piece, as the other rate-limit headers: two of these
+    // go on every answer.
+    let mut out = String::with_capacity(12);
     if ms < 1000 {
-        return format!("{ms}ms");
+        super::push_number(&mut out, ms);
+        out.push_str("ms");
+        return out;
     }
     let s = ms.div_ceil(1000);
     let (h, m, s) = (s / 3600, (s % 3600) / 60, s % 60);
     if h > 0 {
-        format!("{h}h{m}m{s}s")
-    } else if m > 0 {
-        format!("{m}m{s}s")
-    } else {
-        format!("{s}s")
+        super::push_number(&mut out, h);
+        out.push('h');
     }
+    if h > 0 || m > 0 {
+        super::push_number(&mut out, m);
+        out.push('m');
+    }
+    super::push_number(&mut out, s);
+    out.push('s');
+    out
 }
 
 #[cfg(test)]
@@ -176,6 +185,10 @@ mod tests {
             (1001, "2s"),
             (360_000, "6m0s"),
             (3_723_000, "1h2m3s"),
+            (0, "0ms"),
+            (59_999, "1m0s"),
+            (3_600_000, "1h0m0s"),
+            (90_061_000, "25h1m1s"),
         ] {
             assert_eq!(openai_duration(ms), want);
         }
