@@ -25,6 +25,10 @@
 //!   edits both ways; the shared-data reads and writes; holding and reading
 //!   the JSON answer or rewriting the stream; the fact), so that `io` minus
 //!   the row is what that group costs.
+//! - `"calls-get"`, `"calls-set"`, `"calls-edit"`: as `body`, and 50 calls
+//!   of one kind through the frame (a shared-data read, a shared-data write,
+//!   a response header edit), so that the row minus `body`, over 50, is
+//!   the price of one call.
 
 use aigw_shared::config::ConfigError;
 use aigw_shared::host::{self, Idle, StageHttp};
@@ -40,7 +44,18 @@ enum Mode {
     Body,
     Log,
     Io(Io),
+    Calls(Call),
 }
+
+/// The one kind of call a `calls-<kind>` step makes, 50 times.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Get,
+    Set,
+    Edit,
+}
+
+const CALLS: usize = 50;
 
 /// The groups of host calls the `io` step makes; `io-minus-<group>` leaves one out.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,14 +101,17 @@ impl Filter for Floor {
             "body" => Mode::Body,
             "log" => Mode::Log,
             "io" => Mode::Io(Io::ALL),
+            "calls-get" => Mode::Calls(Call::Get),
+            "calls-set" => Mode::Calls(Call::Set),
+            "calls-edit" => Mode::Calls(Call::Edit),
             other => match other.strip_prefix("io-minus-").and_then(Io::minus) {
                 Some(io) => Mode::Io(io),
                 None => {
                     return Err(ConfigError::new(
                         ".",
                         format!(
-                            "{other:?} is not idle, headers, body, log, io or \
-                             io-minus-(edits|shared|answer|fact)"
+                            "{other:?} is not idle, headers, body, log, io, \
+                             io-minus-(edits|shared|answer|fact) or calls-(get|set|edit)"
                         ),
                     ))
                 }
@@ -125,6 +143,15 @@ impl Stage for FloorStage {
     }
 
     fn request_body(&mut self, env: &mut Env<'_>, _: &mut RequestBody, _: &mut Headers) -> Step {
+        match self.0 {
+            Mode::Calls(Call::Get) => (0..CALLS).for_each(|_| {
+                let _ = env.shared.get("aigw.floor/calls");
+            }),
+            Mode::Calls(Call::Set) => (0..CALLS).for_each(|_| {
+                let _ = env.shared.set("aigw.floor/calls", &[1; 24], None);
+            }),
+            _ => {}
+        }
         if matches!(self.0, Mode::Io(io) if io.shared) {
             for i in 0..7 {
                 let key = format!("aigw.floor/{i}");
@@ -138,6 +165,12 @@ impl Stage for FloorStage {
     }
 
     fn response_headers(&mut self, _: &mut Env<'_>, headers: &mut Headers, _: bool) -> Step {
+        if self.0 == Mode::Calls(Call::Edit) {
+            // Each set changes the value, so each is an edit the frame applies.
+            for i in 0..CALLS {
+                headers.set("x-aigw-floor-calls", ["0", "1"][i % 2]);
+            }
+        }
         let Mode::Io(io) = self.0 else {
             return Step::Continue;
         };

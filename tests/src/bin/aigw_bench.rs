@@ -499,7 +499,10 @@ fn run() -> Result<(), String> {
         let mut floor = vec![rows.remove(0)];
         // The io step's parts, only when named (`--rows "floor io,floor
         // io-minus-edits"`): each is a row more under callgrind.
-        let parts = ["edits", "shared", "answer", "fact"].map(|g| format!("io-minus-{g}"));
+        let parts = ["edits", "shared", "answer", "fact"]
+            .map(|g| format!("io-minus-{g}"))
+            .into_iter()
+            .chain(["get", "set", "edit"].map(|c| format!("calls-{c}")));
         let named = |step: &str| {
             opts.rows
                 .as_ref()
@@ -508,7 +511,7 @@ fn run() -> Result<(), String> {
         let steps = ["idle", "headers", "body", "log", "io"]
             .into_iter()
             .map(str::to_string)
-            .chain(parts.into_iter().filter(|s| named(s)));
+            .chain(parts.filter(|s| named(s)));
         for step in steps {
             let yaml = aigw_tests::harness::with_floor(&gateway, &step)?;
             floor.push((format!("floor {step}"), yaml, vec![Json, Stream]));
@@ -620,7 +623,7 @@ fn run() -> Result<(), String> {
         }
     }
     if opts.floor {
-        println!("\nfloor idle: a wasm filter whose callbacks return at once; headers: the aigw frame copying both header maps; body: and reading the request body with its headers held; log: and reading four properties and writing a fact in the log phase; io: body, and the bundle's other host calls for this request with no logic between them (header edits, shared-data reads and writes, the answer read whole or a stream rewritten, the access-log fact); io-minus-<group>: io without that group, so io minus the row is the group's cost.");
+        println!("\nfloor idle: a wasm filter whose callbacks return at once; headers: the aigw frame copying both header maps; body: and reading the request body with its headers held; log: and reading four properties and writing a fact in the log phase; io: body, and the bundle's other host calls for this request with no logic between them (header edits, shared-data reads and writes, the answer read whole or a stream rewritten, the access-log fact); io-minus-<group>: io without that group, so io minus the row is the group's cost; calls-<kind>: body and 50 calls of one kind, so (row - body) / 50 is one call's price.");
         return Ok(());
     }
     println!("\nCPU µs/req is Envoy's own user+system time per request (from /proc).");
