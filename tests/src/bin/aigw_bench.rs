@@ -273,21 +273,26 @@ fn rss_mib(pid: u32) -> Result<f64, String> {
 }
 
 /// Envoy's instructions per request, counted by callgrind over `n`
-/// requests on one keep-alive connection after a warm-up.
+/// requests on one keep-alive connection after a warm-up. Each request is
+/// a new prompt, as in the timed rows (but the hit row's): one prompt sent
+/// again would be answered by the prompt cache after the first time.
 fn instructions(
     envoy: &Envoy,
-    request: &[u8],
+    answer: Answer,
     n: u64,
     dir: &std::path::Path,
 ) -> Result<f64, String> {
     let mut r = BufReader::new(TcpStream::connect(envoy.addr()).map_err(|e| e.to_string())?);
     // Long enough for V8 to have compiled the module's hot code: its
     // compiler's instructions would otherwise count against the requests.
-    for _ in 0..300 {
-        if exchange(&mut r, request)? != 200 {
+    for i in 0..300 {
+        if exchange(&mut r, &request(answer, u64::MAX - i))? != 200 {
             return Err("warm-up request failed".into());
         }
     }
+    // Built before counting starts: the client shares nothing with Envoy,
+    // but a request built late would only widen the window counted.
+    let requests: Vec<Vec<u8>> = (0..n).map(|i| request(answer, i)).collect();
     let control = |arg: &str| {
         std::process::Command::new("callgrind_control")
             .args([arg, &envoy.pid().to_string()])
@@ -295,8 +300,8 @@ fn instructions(
             .map_err(|e| format!("callgrind_control: {e}"))
     };
     control("-z")?;
-    for _ in 0..n {
-        if exchange(&mut r, request)? != 200 {
+    for req in &requests {
+        if exchange(&mut r, req)? != 200 {
             return Err("a request failed".into());
         }
     }
@@ -338,7 +343,6 @@ fn count_instructions(
         "variant", "answer", "instr/req", "instr x"
     );
     for (answer, shape) in [(Answer::Json, "json"), (Answer::Stream, "stream")] {
-        let req = request(answer, 0);
         let mut base = None;
         for (name, yaml) in variants {
             let dir = aigw_tests::harness::Scratch::new("callgrind").map_err(|e| e.to_string())?;
@@ -352,7 +356,7 @@ fn count_instructions(
             let envoy = Envoy::start_text(yaml, mock.addr());
             std::env::remove_var("AIGW_ENVOY_WRAPPER");
             let envoy = envoy?;
-            let per = instructions(&envoy, &req, opts.instructions, dir.path())?;
+            let per = instructions(&envoy, answer, opts.instructions, dir.path())?;
             let b = *base.get_or_insert(per);
             println!("{:<13} {:<7} {:>14.0} {:>9.2}", name, shape, per, per / b);
         }
