@@ -20,7 +20,9 @@
 //! victim or finding an entry parses nothing and copies nothing. Recency lives
 //! in a small side value per shard that hits write without compare-and-swap
 //! (a lost update only makes eviction slightly less exact), so a hit never
-//! copies a whole shard back.
+//! copies a whole shard back. A record's header carries when it was stored,
+//! which is its last use until a hit says otherwise: a store neither writes
+//! the side value nor, when the shard has room, reads it.
 
 use super::key::{hex, Key};
 use crate::boundary::{CasError, SharedData};
@@ -32,7 +34,7 @@ pub const WAYS: usize = 8;
 const ENTRY_MAGIC: &str = "aigw-cache";
 /// Bumped whenever the encoding changes: an entry of another version is a miss.
 pub const FORMAT_VERSION: u32 = 2;
-const SHARD_MAGIC: &[u8; 5] = b"AGCS\x02";
+const SHARD_MAGIC: &[u8; 5] = b"AGCS\x03";
 
 /// One cached answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -140,11 +142,12 @@ impl Entry {
 struct Record<'a> {
     key: &'a [u8],
     stale_until_ms: u64,
+    stored_ms: u64,
     entry: &'a [u8],
 }
 
-/// Per record: key (32), stale-until (8), length (4), then the entry.
-const RECORD_HEADER: usize = 32 + 8 + 4;
+/// Per record: key (32), stale-until (8), stored-at (8), length (4), then the entry.
+const RECORD_HEADER: usize = 32 + 8 + 8 + 4;
 
 /// A shard's records; `None` for bytes that are not a whole shard.
 fn decode_shard(bytes: &[u8]) -> Option<Vec<Record<'_>>> {
@@ -155,12 +158,14 @@ fn decode_shard(bytes: &[u8]) -> Option<Vec<Record<'_>>> {
     for _ in 0..n {
         let head = rest.get(..RECORD_HEADER)?;
         let stale: [u8; 8] = head[32..40].try_into().ok()?;
-        let len: [u8; 4] = head[40..44].try_into().ok()?;
+        let stored: [u8; 8] = head[40..48].try_into().ok()?;
+        let len: [u8; 4] = head[48..52].try_into().ok()?;
         let len = u32::from_le_bytes(len) as usize;
         let entry = rest.get(RECORD_HEADER..RECORD_HEADER.checked_add(len)?)?;
         out.push(Record {
             key: &head[..32],
             stale_until_ms: u64::from_le_bytes(stale),
+            stored_ms: u64::from_le_bytes(stored),
             entry,
         });
         rest = &rest[RECORD_HEADER + len..];
@@ -176,6 +181,7 @@ fn encode_shard(records: &[Record<'_>]) -> Vec<u8> {
     for r in records {
         out.extend_from_slice(r.key);
         out.extend_from_slice(&r.stale_until_ms.to_le_bytes());
+        out.extend_from_slice(&r.stored_ms.to_le_bytes());
         out.extend_from_slice(&(r.entry.len() as u32).to_le_bytes());
         out.extend_from_slice(r.entry);
     }
@@ -318,41 +324,44 @@ impl Local {
             };
             // A corrupt shard holds nothing worth keeping: it is overwritten.
             let records = decode_shard(&current).unwrap_or_default();
-            let recency = self.recency(shared, shard);
-            let last_used = |key: &[u8]| -> u64 {
-                recency
-                    .iter()
-                    .find(|(r, _)| key.get(8..16) == Some(&r[..]))
-                    .map_or(0, |(_, t)| *t)
-            };
-            // Keep the others that are still servable (fresh or stale), most recent first.
-            let mut kept: Vec<(u64, Record<'_>)> = records
+            // Keep the others that are still servable (fresh or stale).
+            let mut kept: Vec<Record<'_>> = records
                 .into_iter()
                 .filter(|r| r.key != entry.key.0 && r.stale_until_ms > now_ms)
-                .map(|r| (last_used(r.key), r))
                 .collect();
-            kept.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
-            let mut evicted = 0;
-            loop {
-                let bytes: usize = kept.iter().map(|(_, r)| r.entry.len()).sum::<usize>()
+            let fits = |kept: &[Record<'_>]| {
+                let bytes: usize = kept.iter().map(|r| r.entry.len()).sum::<usize>()
                     + encoded.len()
                     + shard_overhead(kept.len() + 1);
-                if kept.len() < ways && bytes <= budget {
-                    break;
+                kept.len() < ways && bytes <= budget
+            };
+            let mut evicted = 0;
+            if !fits(&kept) {
+                // Something must go: the least recently used, by the hits'
+                // hints, else by when it was stored.
+                let recency = self.recency(shared, shard);
+                let last_used = |r: &Record<'_>| -> u64 {
+                    recency
+                        .iter()
+                        .find(|(k, _)| r.key.get(8..16) == Some(&k[..]))
+                        .map_or(0, |(_, t)| *t)
+                        .max(r.stored_ms)
+                };
+                kept.sort_by_cached_key(|r| std::cmp::Reverse(last_used(r)));
+                while !fits(&kept) && kept.pop().is_some() {
+                    evicted += 1;
                 }
-                kept.pop();
-                evicted += 1;
             }
-            let mut all: Vec<Record<'_>> = kept.into_iter().map(|(_, r)| r).collect();
+            let mut all = kept;
             all.push(Record {
                 key: &entry.key.0,
                 stale_until_ms: entry.stale_until_ms,
+                stored_ms: now_ms,
                 entry: &encoded,
             });
             let value = encode_shard(&all);
             match shared.set(&self.shard_key(shard), &value, cas) {
                 Ok(()) => {
-                    self.touch_with(shared, shard, recency, &entry.key, now_ms);
                     return Stored {
                         stored: true,
                         evicted,
@@ -434,12 +443,33 @@ mod tests {
     }
 
     #[test]
+    fn a_store_leaves_recency_to_hits_and_evicts_the_least_recently_used() {
+        // One shard of two ways.
+        let local = Local::new(2, 1 << 16);
+        let mut shared = FakeSharedData::default();
+        assert!(local.put(&mut shared, &entry(1, 10, 10), 10).stored);
+        assert!(local.put(&mut shared, &entry(2, 20, 10), 20).stored);
+        // With room, a store neither reads nor writes the recency hints.
+        assert!(shared.get(&local.recency_key(0)).is_none());
+        // Full, with no hits: the one stored first goes.
+        let third = local.put(&mut shared, &entry(3, 30, 10), 30);
+        assert_eq!(third.evicted, 1);
+        assert_eq!(local.get(&mut shared, &key(1), 31), None);
+        // 3 was stored after 2, but 2 was used since: 3 goes next.
+        assert!(local.get(&mut shared, &key(2), 40).is_some());
+        assert!(local.put(&mut shared, &entry(4, 50, 10), 50).stored);
+        assert!(local.get(&mut shared, &key(3), 51).is_none());
+        assert!(local.get(&mut shared, &key(2), 52).is_some());
+        assert!(local.get(&mut shared, &key(4), 53).is_some());
+    }
+
+    #[test]
     fn a_corrupt_shard_is_a_miss_and_is_overwritten() {
         let local = Local::new(8, 1 << 16);
         let mut shared = FakeSharedData::default();
         let e = entry(1, 0, 10);
         shared
-            .set(&local.shard_key(0), b"AGCS\x02\x05garbage", None)
+            .set(&local.shard_key(0), b"AGCS\x03\x05garbage", None)
             .unwrap();
         assert_eq!(local.get(&mut shared, &e.key, 0), None);
         assert!(local.put(&mut shared, &e, 0).stored);
