@@ -31,6 +31,12 @@ pub trait FilterState {
     fn kept(&self, _key: &str) -> Option<&dyn FactValue> {
         None
     }
+    /// Whether facts stay in VM memory here, so that [`FilterState::keep`]
+    /// keeps them: asked first, so that a writer does not copy a value
+    /// only to have it dropped.
+    fn keeps_values(&self) -> bool {
+        false
+    }
     /// Keeps a fact as a value where facts stay in VM memory; its bytes are
     /// made only if something reads them. False where facts travel as bytes
     /// (Envoy filter state between modules): the caller then writes them.

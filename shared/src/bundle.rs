@@ -91,6 +91,9 @@ impl FilterState for Layered<'_> {
             Fact::Bytes(_) => None,
         }
     }
+    fn keeps_values(&self) -> bool {
+        true
+    }
     fn keep(&mut self, key: &str, value: Box<dyn FactValue>) -> bool {
         if EXPORTED.contains(&key) {
             self.host.set(key, &value.to_bytes());

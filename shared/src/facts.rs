@@ -70,7 +70,7 @@ pub fn outcome(
 /// Writes a JSON fact: kept as the value where facts stay in VM memory
 /// (the bundle, where the next reader then parses nothing), else as bytes.
 fn put_json<T: serde::Serialize + Clone + 'static>(state: &mut dyn FilterState, key: &str, v: &T) {
-    if state.keep(key, Box::new(v.clone())) {
+    if state.keeps_values() && state.keep(key, Box::new(v.clone())) {
         return;
     }
     if let Ok(bytes) = serde_json::to_vec(v) {

@@ -283,20 +283,9 @@ impl Local {
         let _ = shared.set(&self.recency_key(shard), &out, None);
     }
 
+    /// Marks `key` used now (a hit): the only writer of the recency hints.
     fn touch(&self, shared: &mut dyn SharedData, shard: usize, key: &Key, now_ms: u64) {
-        let r = self.recency(shared, shard);
-        self.touch_with(shared, shard, r, key, now_ms);
-    }
-
-    /// Marks `key` used now, given the recency hints just read.
-    fn touch_with(
-        &self,
-        shared: &mut dyn SharedData,
-        shard: usize,
-        mut r: Vec<([u8; 8], u64)>,
-        key: &Key,
-        now_ms: u64,
-    ) {
+        let mut r = self.recency(shared, shard);
         let id = short(key);
         r.retain(|(k, _)| *k != id);
         r.push((id, now_ms));

@@ -355,12 +355,14 @@ impl RateLimitStage {
                 .iter()
                 .map(|limit| move |used: u64| ask.amount(limit, used))
                 .collect();
+            let spans: Vec<(u64, u64)> = limits.iter().map(|l| l.window.span(now)).collect();
             let asks: Vec<counters::Ask<'_>> = limits
                 .iter()
                 .zip(&amounts)
-                .map(|(limit, amount)| counters::Ask {
+                .zip(&spans)
+                .map(|((limit, amount), &(start, _))| counters::Ask {
                     tag: tag(limit.kind, limit.window),
-                    window: limit.window.span(now).0,
+                    window: start,
                     max: limit.max,
                     amount,
                 })
@@ -369,8 +371,9 @@ impl RateLimitStage {
             let slot = counters::place_of(&rule.name, 0, &subject);
             let (reserved, written) =
                 counters::reserve_all(env.shared, &slot.key, slot.subject, &asks, !rule.shadow);
-            for ((limit, part), reserved) in limits.iter().zip(&asks).zip(reserved) {
-                let end = limit.window.span(now).1;
+            for (((limit, part), &(_, end)), reserved) in
+                limits.iter().zip(&asks).zip(&spans).zip(reserved)
+            {
                 let standing = |used: u64| Standing {
                     rule: rule.name.clone(),
                     kind: limit.kind,
