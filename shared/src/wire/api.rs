@@ -59,11 +59,20 @@ pub fn classify(method: &str, path: &str) -> Option<Api> {
     if !method.eq_ignore_ascii_case("POST") {
         return None;
     }
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    let path = path.trim_end_matches('/');
+    // Byte scans, not `str` patterns: every stage classifies every request.
+    let end = path
+        .bytes()
+        .position(|b| matches!(b, b'?' | b'#'))
+        .unwrap_or(path.len());
+    let path = path[..end].trim_end_matches('/');
 
-    if let Some(i) = path.find("/openai/deployments/") {
-        let rest = &path[i + "/openai/deployments/".len()..];
+    const AZURE: &str = "/openai/deployments/";
+    let azure = path
+        .bytes()
+        .enumerate()
+        .find(|&(i, b)| b == b'/' && path[i..].starts_with(AZURE));
+    if let Some((i, _)) = azure {
+        let rest = &path[i + AZURE.len()..];
         let (deployment, op) = rest.split_once('/')?;
         let operation = match op {
             "chat/completions" => Operation::Chat,
@@ -85,25 +94,25 @@ pub fn classify(method: &str, path: &str) -> Option<Api> {
     // segment: anything else ending the same way is another API (Assistants'
     // `/v1/threads/{id}/messages`, `/v1/messages/count_tokens`, a stored
     // completion's `/v1/chat/completions/{id}`) and is not an LLM call.
-    let table: [(&[&str], Operation); 5] = [
-        (&["chat", "completions"], Operation::Chat),
-        (&["completions"], Operation::Completions),
-        (&["responses"], Operation::Responses),
-        (&["embeddings"], Operation::Embeddings),
-        (&["messages"], Operation::Messages),
+    let table: [(&[&[u8]], Operation); 5] = [
+        (&[b"chat", b"completions"], Operation::Chat),
+        (&[b"completions"], Operation::Completions),
+        (&[b"responses"], Operation::Responses),
+        (&[b"embeddings"], Operation::Embeddings),
+        (&[b"messages"], Operation::Messages),
     ];
-    // The last four segments, last first ("" where the path has fewer).
-    let mut rev = path.rsplit('/');
-    let last: [&str; 4] = std::array::from_fn(|_| rev.next().unwrap_or(""));
+    // The last four segments, last first (empty where the path has fewer).
+    let mut rev = path.as_bytes().rsplit(|&b| b == b'/');
+    let last: [&[u8]; 4] = std::array::from_fn(|_| rev.next().unwrap_or(b""));
     table.iter().find_map(|&(tail, operation)| {
         let n = tail.len();
-        if last[n] != "v1" || !tail.iter().rev().eq(last[..n].iter()) {
+        if last[n] != b"v1" || !tail.iter().rev().eq(last[..n].iter()) {
             return None;
         }
         let family = match operation {
             Operation::Messages => Family::Anthropic,
             // Azure's v1 API (`/openai/v1/...`) names the model in the body.
-            _ if last.get(n + 1) == Some(&"openai") => Family::Azure,
+            _ if last[n + 1] == b"openai" => Family::Azure,
             _ => Family::OpenAi,
         };
         Some(Api {
