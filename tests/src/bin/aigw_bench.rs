@@ -12,7 +12,9 @@
 //! /proc, so the load generator and the mock, which share the machine, do
 //! not count). After the table: p99 latency at a fixed moderate rate (open
 //! loop), Envoy's memory at `--concurrency 2`, and the module sizes. Run by
-//! scripts/bench.sh.
+//! scripts/bench.sh. `--floor` prices the wasm machinery step by step,
+//! `--memory` breaks Envoy's memory down by module, stage and worker, and
+//! `--instructions N` counts instructions instead of timing.
 
 use aigw_tests::harness::{bare, root, Envoy};
 use aigw_tests::mock::MockLlm;
@@ -33,6 +35,8 @@ struct Opts {
     /// Rows of the floor fixture instead: what a wasm filter costs before
     /// it does anything, step by step.
     floor: bool,
+    /// Envoy's memory instead, broken down by module, stage and worker.
+    memory: bool,
     /// Bytes of user prompt (default: a short question).
     prompt_bytes: Option<usize>,
     /// Only these rows (and bare Envoy, the base of every ratio).
@@ -46,6 +50,7 @@ fn parse_opts() -> Result<Opts, String> {
         repeat: 3,
         instructions: 0,
         floor: false,
+        memory: false,
         prompt_bytes: None,
         rows: None,
     };
@@ -53,6 +58,10 @@ fn parse_opts() -> Result<Opts, String> {
     while let Some(a) = args.next() {
         if a == "--floor" {
             opts.floor = true;
+            continue;
+        }
+        if a == "--memory" {
+            opts.memory = true;
             continue;
         }
         if a == "--rows" {
@@ -262,13 +271,23 @@ fn open_loop(addr: SocketAddr, rate: u64, seconds: u64) -> Result<f64, String> {
 
 /// Envoy's resident memory, from /proc.
 fn rss_mib(pid: u32) -> Result<f64, String> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// Envoy's anonymous resident memory (its heaps, the VMs' memories, the
+/// compiled wasm code): the part not backed by its binary's file pages.
+fn anon_mib(pid: u32) -> Result<f64, String> {
+    status_mib(pid, "RssAnon:")
+}
+
+fn status_mib(pid: u32, field: &str) -> Result<f64, String> {
     let status =
         std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
     let kib: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or("no VmRSS")?;
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(kib / 1024.0)
 }
 
@@ -539,6 +558,9 @@ fn run() -> Result<(), String> {
         rows.retain(|(name, _, _)| name == "bare envoy" || only.contains(name));
     }
     let mock = MockLlm::start().map_err(|e| e.to_string())?;
+    if opts.memory {
+        return memory(&gateway, &bundle, &bare_yaml, &mock, &opts);
+    }
     if opts.instructions > 0 {
         let variants: Vec<(&str, String)> = rows
             .iter()
@@ -722,6 +744,103 @@ fn run() -> Result<(), String> {
         .map(|(n, b)| format!("{n} {} KiB", b / 1024))
         .collect();
     println!("Modules: {}.", sizes.join(", "));
+    Ok(())
+}
+
+/// Envoy's RSS at one and two workers, idle and after load, for bare Envoy,
+/// an empty wasm filter, the bundle with one stage at a time, the bundle and
+/// the chain. Two workers minus one is what one more worker (its VM, its
+/// connections' buffers) costs; idle against bare is what loading the
+/// modules costs; after load against idle is what traffic grows.
+fn memory(
+    gateway: &str,
+    bundle: &str,
+    bare_yaml: &str,
+    mock: &MockLlm,
+    opts: &Opts,
+) -> Result<(), String> {
+    let stages = filter_names(gateway);
+    let mut rows = vec![
+        ("bare envoy".to_string(), bare_yaml.to_string()),
+        (
+            "floor idle".to_string(),
+            aigw_tests::harness::with_floor(gateway, "idle")?,
+        ),
+    ];
+    let all: Vec<&str> = stages.iter().map(String::as_str).collect();
+    rows.push((
+        "bundle: no stage".to_string(),
+        aigw_tests::harness::without(bundle, &all),
+    ));
+    for keep in &stages {
+        let others: Vec<&str> = stages
+            .iter()
+            .filter(|s| *s != keep)
+            .map(String::as_str)
+            .collect();
+        rows.push((
+            format!("bundle: {keep}"),
+            aigw_tests::harness::without(bundle, &others),
+        ));
+    }
+    rows.push(("bundle".to_string(), bundle.to_string()));
+    rows.push(("chain".to_string(), gateway.to_string()));
+    if let Some(only) = &opts.rows {
+        rows.retain(|(name, _)| name == "bare envoy" || only.contains(name));
+    }
+    let short = Opts {
+        seconds: opts.seconds.min(3),
+        rows: None,
+        ..opts.clone()
+    };
+    println!(
+        "Envoy's RSS in MiB: idle (ready, before any request) and after {} s of JSON load on {} connections; \
+         +bare is against bare Envoy at the same workers.\n",
+        short.seconds, short.connections
+    );
+    println!(
+        "{:<26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10} {:>10}",
+        "variant",
+        "1w idle",
+        "1w load",
+        "2w idle",
+        "2w load",
+        "2w +bare",
+        "per worker",
+        "2w anon",
+        "anon +bare"
+    );
+    let mut bare: Option<([f64; 4], f64)> = None;
+    for (name, yaml) in &rows {
+        let (mut m, mut anon) = ([0.0; 4], 0.0);
+        for (i, workers) in ["1", "2"].into_iter().enumerate() {
+            std::env::set_var("AIGW_CONCURRENCY", workers);
+            let envoy = Envoy::start_text(yaml, mock.addr());
+            std::env::remove_var("AIGW_CONCURRENCY");
+            let envoy = envoy?;
+            m[2 * i] = rss_mib(envoy.pid())?;
+            load(envoy.addr(), envoy.pid(), Answer::Json, &short)?;
+            m[2 * i + 1] = rss_mib(envoy.pid())?;
+            anon = anon_mib(envoy.pid())?;
+        }
+        let (b, b_anon) = *bare.get_or_insert((m, anon));
+        println!(
+            "{:<26} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>+9.1} {:>+11.1} {:>10.1} {:>+10.1}",
+            name,
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            m[3] - b[3],
+            (m[3] - m[1]) - (b[3] - b[1]),
+            anon,
+            anon - b_anon
+        );
+    }
+    println!(
+        "\nper worker: (2w load - 1w load) against bare's, what each worker adds with this module loaded. \
+         anon: the 2w load RSS without the pages of Envoy's binary (V8's code in it is paged in once a module loads)."
+    );
     Ok(())
 }
 
