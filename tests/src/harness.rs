@@ -518,14 +518,22 @@ fn without_stages(bundle_yaml: &str, names: &[&str]) -> String {
 
 /// Bare Envoy (from `envoy/gateway.yaml`) with the benchmark fixture
 /// `floor.wasm` as its one filter, in the given step (`idle`, `headers`,
-/// `body`, `log`).
+/// `body`, `log`, `reply`, `io`, ...).
 pub fn with_floor(gateway_yaml: &str, step: &str) -> Result<String, String> {
+    with_floors(gateway_yaml, step, 1)
+}
+
+/// As [`with_floor`], with `n` floor filters chained, each in its own VM as
+/// the separate modules are: what `n` filters cost before any of them does
+/// anything.
+pub fn with_floors(gateway_yaml: &str, step: &str, n: usize) -> Result<String, String> {
     let bare = bare(gateway_yaml)?;
     let router = bare
         .find(ROUTER_FILTER)
         .ok_or("no router in gateway.yaml")?;
-    let block = format!(
-        "          - name: aigw.floor
+    let block = |i: usize| {
+        format!(
+            "          - name: aigw.floor{i}
             typed_config:
               \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
               config:
@@ -533,7 +541,7 @@ pub fn with_floor(gateway_yaml: &str, step: &str) -> Result<String, String> {
                 allow_on_headers_stop_iteration: true
                 failure_policy: FAIL_RELOAD
                 vm_config:
-                  vm_id: aigw-floor
+                  vm_id: aigw-floor{i}
                   runtime: envoy.wasm.runtime.v8
                   code:
                     local: {{ filename: target/wasm/floor.wasm }}  # aigw:wasm_dir
@@ -541,8 +549,10 @@ pub fn with_floor(gateway_yaml: &str, step: &str) -> Result<String, String> {
                   \"@type\": type.googleapis.com/google.protobuf.StringValue
                   value: '\"{step}\"'
 "
-    );
-    Ok(format!("{}{block}{}", &bare[..router], &bare[router..]))
+        )
+    };
+    let blocks: String = (0..n).map(block).collect();
+    Ok(format!("{}{blocks}{}", &bare[..router], &bare[router..]))
 }
 
 /// `envoy/gateway.yaml` with the four other modules chained below the meter

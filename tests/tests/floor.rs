@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use aigw_tests::client;
-use aigw_tests::harness::{root, with_floor, Envoy};
+use aigw_tests::harness::{root, with_floor, with_floors, Envoy};
 use aigw_tests::mock::MockLlm;
 
 #[test]
@@ -54,6 +54,21 @@ fn every_step_passes_requests_through() {
         let edited = resp.header("x-aigw-floor-calls");
         assert_eq!(edited, (step == "calls-edit").then_some("1"), "{step}");
     }
+    // Five floor filters chained pass requests through.
+    let envoy = Envoy::start_text(&with_floors(&gateway, "body", 5).unwrap(), mock.addr()).unwrap();
+    let resp = client::post(envoy.addr(), "/v1/chat/completions", &[], body).unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body, direct.body);
+    // The reply step answers itself: the upstream sees nothing.
+    let envoy = Envoy::start_text(&with_floor(&gateway, "reply").unwrap(), mock.addr()).unwrap();
+    let before = mock.requests().len();
+    for _ in 0..2 {
+        let resp = client::post(envoy.addr(), "/v1/chat/completions", &[], body).unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("content-type"), Some("application/json"));
+        assert!(String::from_utf8_lossy(&resp.body).contains("chatcmpl-floor"));
+    }
+    assert_eq!(mock.requests().len(), before);
     let bad = with_floor(&gateway, "everything").unwrap();
     let err = Envoy::start_text(&bad, mock.addr()).err().unwrap();
     assert!(err.contains("floor: invalid configuration"), "{err}");

@@ -27,6 +27,9 @@
 //!   edits both ways; the shared-data reads and writes; holding and reading
 //!   the JSON answer or rewriting the stream; the fact), so that `io` minus
 //!   the row is what that group costs.
+//! - `"reply"`: as `body`, then one shared-data read that returns a value
+//!   and a local reply with a chat completion: the least a cache hit does
+//!   (read the prompt, look it up, answer without the upstream).
 //! - `"calls-get"`, `"calls-set"`, `"calls-edit"`: as `body`, and 50 calls
 //!   of one kind through the frame (a shared-data read, a shared-data write,
 //!   a response header edit), so that the row minus `body`, over 50, is
@@ -34,7 +37,7 @@
 
 use aigw_shared::config::ConfigError;
 use aigw_shared::host::{self, Idle, StageHttp};
-use aigw_shared::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, Stage, Step};
+use aigw_shared::stage::{Chunk, Env, Filter, Headers, LogInput, Reply, RequestBody, Stage, Step};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{ContextType, LogLevel};
 use std::rc::Rc;
@@ -45,6 +48,7 @@ enum Mode {
     Headers,
     Body,
     Log,
+    Reply,
     Io(Io),
     Calls(Call),
 }
@@ -78,6 +82,11 @@ const NAMES: [&str; 9] = [
     "x-aigw-floor-7",
     "x-aigw-floor-8",
 ];
+
+/// The `reply` step's entry and answer: the mock's chat completion, about
+/// the size of the bench's cached answer.
+const HIT_KEY: &str = "aigw.floor/hit";
+const HIT: &[u8] = br#"{"id":"chatcmpl-floor","object":"chat.completion","created":1700000000,"model":"gpt-4o","choices":[{"index":0,"message":{"role":"assistant","content":"A short story about the sea, told in three sentences."},"finish_reason":"stop"}],"usage":{"prompt_tokens":200,"completion_tokens":12,"total_tokens":212}}"#;
 
 /// The groups of host calls the `io` step makes; `io-minus-<group>` leaves one out.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -122,6 +131,7 @@ impl Filter for Floor {
             "headers" => Mode::Headers,
             "body" => Mode::Body,
             "log" => Mode::Log,
+            "reply" => Mode::Reply,
             "io" => Mode::Io(Io::ALL),
             "calls-get" => Mode::Calls(Call::Get),
             "calls-set" => Mode::Calls(Call::Set),
@@ -132,7 +142,7 @@ impl Filter for Floor {
                     return Err(ConfigError::new(
                         ".",
                         format!(
-                            "{other:?} is not idle, headers, body, log, io, \
+                            "{other:?} is not idle, headers, body, log, reply, io, \
                              io-minus-(edits|shared|answer|fact) or calls-(get|set|edit)"
                         ),
                     ))
@@ -172,6 +182,18 @@ impl Stage for FloorStage {
             Mode::Calls(Call::Set) => (0..CALLS).for_each(|_| {
                 let _ = env.shared.set("aigw.floor/calls", &[1; 24], None);
             }),
+            Mode::Reply => {
+                // The entry is there from the first request on, as a hit's is.
+                if env.shared.get(HIT_KEY).is_none() {
+                    let _ = env.shared.set(HIT_KEY, HIT, None);
+                }
+                return Step::Reply(Reply {
+                    status: 200,
+                    headers: vec![("content-type".into(), "application/json".into())],
+                    body: HIT.to_vec(),
+                    details: "aigw_floor_reply".into(),
+                });
+            }
             _ => {}
         }
         if matches!(self.0, Mode::Io(io) if io.shared) {

@@ -349,7 +349,7 @@ fn instructions(
 }
 
 fn count_instructions(
-    variants: &[(&str, String)],
+    rows: &[(String, String, Vec<Answer>)],
     mock: &MockLlm,
     opts: &Opts,
 ) -> Result<(), String> {
@@ -358,12 +358,23 @@ fn count_instructions(
         opts.instructions
     );
     println!(
-        "{:<13} {:<7} {:>14} {:>9}",
+        "{:<22} {:<7} {:>14} {:>9}",
         "variant", "answer", "instr/req", "instr x"
     );
-    for (answer, shape) in [(Answer::Json, "json"), (Answer::Stream, "stream")] {
+    for answer in [Answer::Json, Answer::Stream, Answer::Hit] {
+        if !rows[1..].iter().any(|(_, _, a)| a.contains(&answer)) {
+            continue;
+        }
+        // A hit is compared with bare Envoy proxying the same request upstream.
         let mut base = None;
-        for (name, yaml) in variants {
+        for (name, yaml, answers) in rows {
+            let measured = if name == "bare envoy" && answer == Answer::Hit {
+                Answer::Json
+            } else if answers.contains(&answer) {
+                answer
+            } else {
+                continue;
+            };
             let dir = aigw_tests::harness::Scratch::new("callgrind").map_err(|e| e.to_string())?;
             std::env::set_var(
                 "AIGW_ENVOY_WRAPPER",
@@ -375,9 +386,15 @@ fn count_instructions(
             let envoy = Envoy::start_text(yaml, mock.addr());
             std::env::remove_var("AIGW_ENVOY_WRAPPER");
             let envoy = envoy?;
-            let per = instructions(&envoy, answer, opts.instructions, dir.path())?;
+            let per = instructions(&envoy, measured, opts.instructions, dir.path())?;
             let b = *base.get_or_insert(per);
-            println!("{:<13} {:<7} {:>14.0} {:>9.2}", name, shape, per, per / b);
+            println!(
+                "{:<22} {:<7} {:>14.0} {:>9.2}",
+                name,
+                measured.name(),
+                per,
+                per / b
+            );
         }
     }
     Ok(())
@@ -483,6 +500,13 @@ fn only(yaml: &str, keep: &str) -> String {
     out
 }
 
+/// Whether `--rows` names this row.
+fn named_row(opts: &Opts, name: &str) -> bool {
+    opts.rows
+        .as_ref()
+        .is_some_and(|r| r.iter().any(|r| r == name))
+}
+
 /// A gateway YAML with the demo rate limits raised past what a benchmark
 /// sends, so every request pays for the whole check (reserve, settle) and
 /// none is answered 429.
@@ -526,11 +550,7 @@ fn run() -> Result<(), String> {
             .map(|g| format!("io-minus-{g}"))
             .into_iter()
             .chain(["get", "set", "edit"].map(|c| format!("calls-{c}")));
-        let named = |step: &str| {
-            opts.rows
-                .as_ref()
-                .is_some_and(|r| r.iter().any(|r| *r == format!("floor {step}")))
-        };
+        let named = |step: &str| named_row(&opts, &format!("floor {step}"));
         let steps = ["idle", "headers", "body", "log", "io"]
             .into_iter()
             .map(str::to_string)
@@ -539,12 +559,29 @@ fn run() -> Result<(), String> {
             let yaml = aigw_tests::harness::with_floor(&gateway, &step)?;
             floor.push((format!("floor {step}"), yaml, vec![Json, Stream]));
         }
+        // The floors of the chain (five body-reading filters, each in its
+        // own VM) and of a cache hit (the body read, one lookup, a local
+        // reply: against bare Envoy proxying the request upstream).
+        floor.push((
+            "floor body x5".into(),
+            aigw_tests::harness::with_floors(&gateway, "body", 5)?,
+            vec![Json, Stream],
+        ));
+        floor.push((
+            "floor reply".into(),
+            aigw_tests::harness::with_floor(&gateway, "reply")?,
+            vec![Hit],
+        ));
         floor.push((
             "token-meter".into(),
             only(&gateway, "token-meter"),
             vec![Json, Stream],
         ));
-        floor.push(("bundle".into(), bundle.clone(), vec![Json, Stream]));
+        floor.push(("bundle".into(), bundle.clone(), vec![Json, Stream, Hit]));
+        // The chain, against its floor, when named (it is the slowest row).
+        if named_row(&opts, "chain") {
+            floor.push(("chain".into(), gateway.clone(), vec![Json, Stream]));
+        }
         rows = floor;
     }
     if !opts.floor {
@@ -562,12 +599,11 @@ fn run() -> Result<(), String> {
         return memory(&gateway, &bundle, &bare_yaml, &mock, &opts);
     }
     if opts.instructions > 0 {
-        let variants: Vec<(&str, String)> = rows
-            .iter()
-            .filter(|(_, _, a)| a.contains(&Json))
-            .map(|(n, y, _)| (n.as_str(), y.clone()))
-            .collect();
-        return count_instructions(&variants, &mock, &opts);
+        // Counted per request: the long stream's rows are timed only.
+        for (_, _, answers) in rows.iter_mut() {
+            answers.retain(|a| *a != Long);
+        }
+        return count_instructions(&rows, &mock, &opts);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = cores >= 2 && pin(std::process::id(), "0");
@@ -649,7 +685,7 @@ fn run() -> Result<(), String> {
         }
     }
     if opts.floor {
-        println!("\nfloor idle: a wasm filter whose callbacks return at once; headers: the aigw frame copying both header maps; body: and reading the request body with its headers held; log: and reading four properties and writing a fact in the log phase; io: body, and the bundle's other host calls for this request with no logic between them (header edits, shared-data reads and writes, the answer read whole or a stream rewritten, the access-log fact); io-minus-<group>: io without that group, so io minus the row is the group's cost; calls-<kind>: body and 50 calls of one kind, so (row - body) / 50 is one call's price.");
+        println!("\nfloor idle: a wasm filter whose callbacks return at once; headers: the aigw frame copying both header maps; body: and reading the request body with its headers held; log: and reading four properties and writing a fact in the log phase; io: body, and the bundle's other host calls for this request with no logic between them (header edits, shared-data reads and writes, the answer read whole or a stream rewritten, the access-log fact); io-minus-<group>: io without that group, so io minus the row is the group's cost; calls-<kind>: body and 50 calls of one kind, so (row - body) / 50 is one call's price; body x5: five body filters, each in its own VM, the floor of the chain; reply: body, a shared-data read and a local reply, the floor of a cache hit (against bare Envoy proxying the request).");
         return Ok(());
     }
     println!("\nCPU µs/req is Envoy's own user+system time per request (from /proc).");
