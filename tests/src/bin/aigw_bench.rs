@@ -601,6 +601,21 @@ fn run() -> Result<(), String> {
     if !opts.floor {
         rows.push(("chain".into(), gateway.clone(), vec![Json, Stream]));
         rows.push(("bundle".into(), bundle.clone(), vec![Json, Stream, Long]));
+        // The bundle with one stage, when named (`--rows "bundle: token-meter"`):
+        // against that filter alone, what the bundle's frame costs a stage.
+        let stages = filter_names(&gateway);
+        for keep in &stages {
+            let name = format!("bundle: {keep}");
+            if named_row(&opts, &name) {
+                let others: Vec<&str> = stages
+                    .iter()
+                    .filter(|s| *s != keep)
+                    .map(String::as_str)
+                    .collect();
+                let yaml = aigw_tests::harness::without(&bundle, &others);
+                rows.push((name, yaml, vec![Json, Stream]));
+            }
+        }
     }
     if !opts.floor && filter_names(&gateway).iter().any(|n| n == "prompt-cache") {
         rows.push(("bundle-hit".into(), bundle.clone(), vec![Hit]));
