@@ -514,6 +514,16 @@ fn only(yaml: &str, keep: &str) -> String {
     out
 }
 
+/// The bundle's YAML with only the stage `keep` of `stages` configured.
+fn bundle_with_only(bundle: &str, stages: &[String], keep: &str) -> String {
+    let others: Vec<&str> = stages
+        .iter()
+        .map(String::as_str)
+        .filter(|s| *s != keep)
+        .collect();
+    aigw_tests::harness::without(bundle, &others)
+}
+
 /// Whether `--rows` names this row.
 fn named_row(opts: &Opts, name: &str) -> bool {
     opts.rows
@@ -607,13 +617,11 @@ fn run() -> Result<(), String> {
         for keep in &stages {
             let name = format!("bundle: {keep}");
             if named_row(&opts, &name) {
-                let others: Vec<&str> = stages
-                    .iter()
-                    .filter(|s| *s != keep)
-                    .map(String::as_str)
-                    .collect();
-                let yaml = aigw_tests::harness::without(&bundle, &others);
-                rows.push((name, yaml, vec![Json, Stream]));
+                rows.push((
+                    name,
+                    bundle_with_only(&bundle, &stages, keep),
+                    vec![Json, Stream],
+                ));
             }
         }
     }
@@ -838,14 +846,9 @@ fn memory(
         aigw_tests::harness::without(bundle, &all),
     ));
     for keep in &stages {
-        let others: Vec<&str> = stages
-            .iter()
-            .filter(|s| *s != keep)
-            .map(String::as_str)
-            .collect();
         rows.push((
             format!("bundle: {keep}"),
-            aigw_tests::harness::without(bundle, &others),
+            bundle_with_only(bundle, &stages, keep),
         ));
     }
     rows.push(("bundle".to_string(), bundle.to_string()));
