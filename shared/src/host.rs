@@ -202,6 +202,30 @@ fn apply(map: MapType, edits: Vec<Edit>) {
     }
 }
 
+/// A header map as the host holds it. HTTP lets a value carry bytes that
+/// are not UTF-8 (obs-text); the SDK's `get_map` panics on one, which would
+/// take the VM down with the request. Such a value is read lossily instead.
+fn header_pairs(map: MapType) -> (Vec<(String, String)>, bool) {
+    let mut exact = true;
+    let pairs = hostcalls::get_map_bytes(map)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, value)| {
+            let value = String::from_utf8(value).unwrap_or_else(|e| {
+                exact = false;
+                String::from_utf8_lossy(e.as_bytes()).into_owned()
+            });
+            (name, value)
+        })
+        .collect();
+    (pairs, exact)
+}
+
+/// The request's or the response's headers, for a stage.
+fn headers(map: MapType) -> Headers {
+    Headers::new(header_pairs(map).0)
+}
+
 fn send_reply(reply: &Reply) {
     let headers = pairs(&reply.headers);
     if let Err(e) =
@@ -612,7 +636,7 @@ impl<S: Stage> Context for StageHttp<S> {
         let response = if num_headers == 0 {
             CalloutResponse::Failed
         } else {
-            let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+            let (headers, _) = header_pairs(MapType::HttpCallResponseHeaders);
             let status = headers
                 .iter()
                 .find(|(k, _)| k == ":status")
@@ -652,8 +676,7 @@ impl<S: Stage> Context for StageHttp<S> {
 
 impl<S: Stage> HttpContext for StageHttp<S> {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let mut headers =
-            Headers::new(hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default());
+        let mut headers = headers(MapType::HttpRequestHeaders);
         let (step, tokens) =
             self.recorded(|stage, env| stage.request_headers(env, &mut headers, end_of_stream));
         self.request_headers = Some(headers);
@@ -724,8 +747,7 @@ impl<S: Stage> HttpContext for StageHttp<S> {
             self.passing_response = true;
             return Action::Continue;
         }
-        let mut headers =
-            Headers::new(hostcalls::get_map(MapType::HttpResponseHeaders).unwrap_or_default());
+        let mut headers = headers(MapType::HttpResponseHeaders);
         let (step, tokens) =
             self.recorded(|stage, env| stage.response_headers(env, &mut headers, end_of_stream));
         self.response_headers = Some(headers);

@@ -23,7 +23,11 @@
 //! `x-mock-trailers: 1` (the answer, JSON or SSE, is sent chunked and ends
 //! with the HTTP/1.1 trailer `x-mock-done: 1`, announced by `trailer:`),
 //! `x-mock-sse-tail: 1` (a stream ends with an unterminated event,
-//! `data: {"partial":true}` and no blank line: bytes a reader must hold).
+//! `data: {"partial":true}` and no blank line: bytes a reader must hold),
+//! `x-mock-obs-text: 1` (the answer carries the header
+//! [`OBS_TEXT`], whose value is not UTF-8, as HTTP's obs-text allows).
+//! A request header value that is not UTF-8 is recorded as ISO-8859-1, one
+//! char per byte, so a test can tell the bytes that came from a lossy copy.
 //! A knob with a bad value is a 400, so a typo cannot silently test the
 //! default.
 //!
@@ -84,6 +88,9 @@ const DEFAULT_CHUNKS: usize = 5;
 const MAX_BOMB_MIB: usize = 4096;
 /// The trailer `x-mock-trailers` ends an answer with.
 pub const TRAILER: (&str, &str) = ("x-mock-done", "1");
+/// The header `x-mock-obs-text` adds to an answer: `café` in ISO-8859-1 and a
+/// byte no UTF-8 text has.
+pub const OBS_TEXT: (&str, &[u8]) = ("x-mock-obs-text", b"caf\xe9\xff");
 const EMBEDDING_DIMS: usize = 8;
 
 /// One request as the mock received it (body already de-chunked).
@@ -373,7 +380,8 @@ fn read_request(
         if matches!(line.first(), Some(b' ' | b'\t')) {
             return Err(ReadError::Bad(400, "obsolete header folding".into()));
         }
-        let line = String::from_utf8_lossy(&line);
+        let line = String::from_utf8(line)
+            .unwrap_or_else(|e| e.into_bytes().into_iter().map(char::from).collect());
         let Some((name, value)) = line.split_once(':') else {
             return Err(ReadError::Bad(400, "header without colon".into()));
         };
@@ -501,6 +509,7 @@ struct Knobs {
     gzip_corrupt: bool,
     trailers: bool,
     sse_tail: bool,
+    obs_text: bool,
     prompt_tokens: Option<u64>,
     reasoning: u64,
     cached: u64,
@@ -530,6 +539,7 @@ impl Default for Knobs {
             gzip_corrupt: false,
             trailers: false,
             sse_tail: false,
+            obs_text: false,
             prompt_tokens: None,
             reasoning: 0,
             cached: 0,
@@ -638,6 +648,7 @@ impl Knobs {
             gzip_corrupt,
             trailers: bool_knob(h, "x-mock-trailers")?,
             sse_tail: bool_knob(h, "x-mock-sse-tail")?,
+            obs_text: bool_knob(h, "x-mock-obs-text")?,
             prompt_tokens: num_knob(h, "x-mock-prompt-tokens")?,
             reasoning: num_knob(h, "x-mock-reasoning-tokens")?.unwrap_or(0),
             cached: num_knob(h, "x-mock-cached-tokens")?.unwrap_or(0),
@@ -1573,8 +1584,14 @@ fn head(
     if !keep {
         h.push_str("connection: close\r\n");
     }
-    h.push_str("\r\n");
-    h.into_bytes()
+    let mut h = h.into_bytes();
+    if knobs.obs_text {
+        h.extend_from_slice(format!("{}: ", OBS_TEXT.0).as_bytes());
+        h.extend_from_slice(OBS_TEXT.1);
+        h.extend_from_slice(b"\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    h
 }
 
 /// The SSE framing of one event, with the `x-mock-newline` line ending and

@@ -890,6 +890,51 @@ fn requests_that_are_not_llm_calls_get_a_line_of_nulls() {
     }
 }
 
+/// HTTP lets a header value carry bytes that are not UTF-8 (obs-text). The
+/// SDK's header read panics on one, which took the VM down with the request
+/// (a 503). Now it is read lossily, metered, and passed on byte for byte,
+/// both ways, however many headers the filters add beside it.
+#[test]
+fn header_values_that_are_not_utf8_pass_byte_for_byte() {
+    use aigw_tests::mock::OBS_TEXT;
+    use std::io::Write;
+    let gw = gateway();
+    let body = chat(None);
+    for consumer in ["obs-text-1", "obs-text-2"] {
+        let mut req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: aigw.test\r\nconnection: close\r\n\
+             content-type: application/json\r\nx-aigw-consumer: {consumer}\r\n\
+             x-mock-obs-text: 1\r\ncontent-length: {}\r\nx-client-note: ",
+            body.len()
+        )
+        .into_bytes();
+        req.extend_from_slice(b"caf\xe9\xff\r\n\r\n");
+        req.extend_from_slice(body.as_bytes());
+        let mut s = std::net::TcpStream::connect(gw.envoy.addr()).unwrap();
+        s.write_all(&req).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        // The client's parser wants a UTF-8 head; the bytes are checked below.
+        let resp = Response::parse(String::from_utf8_lossy(&raw).as_bytes()).unwrap();
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let mut want = format!("\r\n{}: ", OBS_TEXT.0).into_bytes();
+        want.extend_from_slice(OBS_TEXT.1);
+        want.extend_from_slice(b"\r\n");
+        assert!(
+            raw.windows(want.len()).any(|w| w == want.as_slice()),
+            "the answer's header lost its bytes: {}",
+            String::from_utf8_lossy(&raw[..raw.len().min(800)])
+        );
+        assert!(resp.header("x-ratelimit-remaining-requests").is_some());
+        // The mock records a value that is not UTF-8 one char per byte.
+        let sent = gw.mock.last_request().unwrap();
+        assert_eq!(sent.header("x-client-note"), Some("caf\u{e9}\u{ff}"));
+        let line = gw.line(consumer);
+        assert_eq!(line["usage_source"], "provider", "{line}");
+        assert_eq!(line["input_tokens"], 4, "{line}");
+    }
+}
+
 #[test]
 fn look_alike_paths_are_not_metered_as_llm_calls() {
     let gw = gateway();
