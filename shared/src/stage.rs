@@ -30,6 +30,9 @@ use std::rc::Rc;
 pub struct Headers {
     pairs: Vec<(String, String)>,
     edits: Vec<Edit>,
+    /// The pairs are a whole map as the host gave it (not the empty default
+    /// a stage gets where there was none), so they may replace it.
+    whole: bool,
 }
 
 /// One header change, in the order it was made.
@@ -45,7 +48,24 @@ impl Headers {
         Headers {
             pairs,
             edits: Vec::new(),
+            whole: true,
         }
+    }
+
+    /// Headers whose values were read lossily (a value that is not UTF-8,
+    /// as HTTP's obs-text allows): they are never handed back as a whole
+    /// map, which would replace the bytes that came with the lossy text.
+    pub fn lossy(pairs: Vec<(String, String)>) -> Self {
+        Headers {
+            whole: false,
+            ..Headers::new(pairs)
+        }
+    }
+
+    /// Whether the pairs, edits included, are the whole map: then the shell
+    /// may hand them to the host as one replaced map instead of edit by edit.
+    pub fn is_whole(&self) -> bool {
+        self.whole
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
