@@ -45,14 +45,17 @@ fn every_step_passes_requests_through() {
         let edited = resp.header("x-aigw-floor-8").is_some();
         assert_eq!(edited, step != "io-minus-edits", "{step}");
     }
-    // The calls steps pass requests through; calls-edit leaves its header.
-    for step in ["calls-get", "calls-set", "calls-edit"] {
+    // The calls steps pass requests through; calls-edit leaves its header
+    // (the last of its fifty values), calls-metric counts fifty a request.
+    for step in ["calls-get", "calls-set", "calls-edit", "calls-metric"] {
         let envoy = Envoy::start_text(&with_floor(&gateway, step).unwrap(), mock.addr()).unwrap();
         let resp = client::post(envoy.addr(), "/v1/chat/completions", &[], body).unwrap();
         assert_eq!(resp.status, 200, "{step}");
         assert_eq!(resp.body, direct.body, "{step}");
         let edited = resp.header("x-aigw-floor-calls");
         assert_eq!(edited, (step == "calls-edit").then_some("1"), "{step}");
+        let counted = envoy.metric("aigw_floor_calls_total", &[]);
+        assert_eq!(counted, (step == "calls-metric").then_some(50.0), "{step}");
     }
     // Five floor filters chained pass requests through.
     let envoy = Envoy::start_text(&with_floors(&gateway, "body", 5).unwrap(), mock.addr()).unwrap();
@@ -74,5 +77,5 @@ fn every_step_passes_requests_through() {
     assert!(err.contains("floor: invalid configuration"), "{err}");
     let bad = with_floor(&gateway, "io-minus-logic").unwrap();
     let err = Envoy::start_text(&bad, mock.addr()).err().unwrap();
-    assert!(err.contains("calls-(get|set|edit)"), "{err}");
+    assert!(err.contains("calls-(get|set|edit|metric)"), "{err}");
 }

@@ -30,11 +30,14 @@
 //! - `"reply"`: as `body`, then one shared-data read that returns a value
 //!   and a local reply with a chat completion: the least a cache hit does
 //!   (read the prompt, look it up, answer without the upstream).
-//! - `"calls-get"`, `"calls-set"`, `"calls-edit"`: as `body`, and 50 calls
-//!   of one kind through the frame (a shared-data read, a shared-data write,
-//!   a response header edit), so that the row minus `body`, over 50, is
-//!   the price of one call.
+//! - `"calls-get"`, `"calls-set"`, `"calls-metric"`: as `body`, and 50
+//!   calls of one kind through the frame (a shared-data read, a shared-data
+//!   write, a counter increment, `aigw_floor_calls_total`), so that the row
+//!   minus `body`, over 50, is the price of one call. `"calls-edit"` makes
+//!   50 response header edits, which the frame hands to Envoy as one
+//!   replaced map: the row minus `body` is the price of that map.
 
+use aigw_shared::boundary::MetricKind;
 use aigw_shared::config::ConfigError;
 use aigw_shared::host::{self, Idle, StageHttp};
 use aigw_shared::stage::{Chunk, Env, Filter, Headers, LogInput, Reply, RequestBody, Stage, Step};
@@ -59,9 +62,11 @@ enum Call {
     Get,
     Set,
     Edit,
+    Metric,
 }
 
 const CALLS: usize = 50;
+const CALLS_METRIC: &str = "aigw_floor_calls_total";
 
 /// The io step's keys and header names, written out: composing them per
 /// call would put the fixture's own formatting into the price of the calls.
@@ -136,6 +141,7 @@ impl Filter for Floor {
             "calls-get" => Mode::Calls(Call::Get),
             "calls-set" => Mode::Calls(Call::Set),
             "calls-edit" => Mode::Calls(Call::Edit),
+            "calls-metric" => Mode::Calls(Call::Metric),
             other => match other.strip_prefix("io-minus-").and_then(Io::minus) {
                 Some(io) => Mode::Io(io),
                 None => {
@@ -143,7 +149,7 @@ impl Filter for Floor {
                         ".",
                         format!(
                             "{other:?} is not idle, headers, body, log, reply, io, \
-                             io-minus-(edits|shared|answer|fact) or calls-(get|set|edit)"
+                             io-minus-(edits|shared|answer|fact) or calls-(get|set|edit|metric)"
                         ),
                     ))
                 }
@@ -182,6 +188,12 @@ impl Stage for FloorStage {
             Mode::Calls(Call::Set) => (0..CALLS).for_each(|_| {
                 let _ = env.shared.set("aigw.floor/calls", &[1; 24], None);
             }),
+            Mode::Calls(Call::Metric) => {
+                // Envoy hands back the same id for a name it knows.
+                if let Some(id) = env.metrics.define(MetricKind::Counter, CALLS_METRIC) {
+                    (0..CALLS).for_each(|_| env.metrics.add(id, 1));
+                }
+            }
             Mode::Reply => {
                 // The entry is there from the first request on, as a hit's is.
                 if env.shared.get(HIT_KEY).is_none() {
