@@ -15,11 +15,11 @@ for p in "${PLUGINS[@]}"; do plugins+=(-p "aigw-$p"); done
 say "format"
 cargo fmt --all --check
 say "lints (host crates, then the plugins for wasm)"
-cargo clippy --locked -p aigw-shared -p aigw-tests -p aigw-ratelimit-service --all-targets -- -D warnings
-cargo clippy --locked --target wasm32-wasip1 "${plugins[@]}" -- -D warnings
+cargo clippy --locked -p aigw-shared -p aigw-alloc -p aigw-tests -p aigw-ratelimit-service --all-targets -- -D warnings
+cargo clippy --locked --target wasm32-wasip1 "${plugins[@]}" -p aigw-alloc -- -D warnings
 
-say "unit tests (the core, the harness, the mock)"
-cargo test --locked -p aigw-shared
+say "unit tests (the core, the allocator, the harness, the mock)"
+cargo test --locked -p aigw-shared -p aigw-alloc
 cargo test --locked -p aigw-tests --lib --bins
 say "integration tests (real Envoy, real .wasm, mock LLM): the separate filters"
 cargo test --locked -p aigw-tests --test '*'

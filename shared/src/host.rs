@@ -18,6 +18,7 @@ use crate::stage::{
     CalloutResponse, Chunk, Edit, Env, Filter, Headers, LogInput, Reply, RequestBody, RootEnv,
     Stage, Step,
 };
+pub use aigw_alloc::Cached as Allocator;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
@@ -939,12 +940,25 @@ pub struct Idle;
 impl Context for Idle {}
 impl HttpContext for Idle {}
 
+/// Installs the modules' allocator ([`Allocator`]: free lists of small
+/// blocks in front of dlmalloc), in a wasm VM only: it relies on the VM's
+/// one thread. [`plugin!`] does it; a shell of its own (the floor) calls it.
+#[macro_export]
+macro_rules! allocator {
+    () => {
+        #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
+        #[global_allocator]
+        static AIGW_ALLOCATOR: $crate::host::Allocator = $crate::host::Allocator::new();
+    };
+}
+
 /// The whole of a plugin crate: `aigw_shared::plugin!(aigw_shared::meter::Meter);`
 /// makes the wasm module run that [`Filter`] (configuration, timer, one stage
 /// per request).
 #[macro_export]
 macro_rules! plugin {
     ($filter:ty) => {
+        $crate::allocator!();
         proxy_wasm::main! {{
             $crate::host::init();
             proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
@@ -960,6 +974,7 @@ macro_rules! plugin {
 #[macro_export]
 macro_rules! passthrough_plugin {
     ($name:literal) => {
+        $crate::allocator!();
         use proxy_wasm::traits::{Context, HttpContext, RootContext};
         use proxy_wasm::types::{ContextType, LogLevel};
         use $crate::host::{self, Idle};

@@ -279,6 +279,9 @@ impl Stage for FloorStage {
     }
 }
 
+// The plugins' allocator: the floor prices the frame as they run it.
+aigw_shared::allocator!();
+
 proxy_wasm::main! {{
     host::init();
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root(None)) });
