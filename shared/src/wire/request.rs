@@ -132,22 +132,48 @@ pub fn with_include_usage(body: &[u8], facts: &RequestFacts) -> Option<Vec<u8>> 
 /// prompt text are followed (so image data, ids and roles do not count).
 pub(crate) struct TextLen(pub u64);
 
-const TEXT_KEYS: &[&str] = &[
-    "content",
-    "text",
-    "input",
-    "arguments",
-    "output",
-    "delta",
-    "refusal",
-    "reasoning_content",
-    "thinking",
-    "partial_json",
-    "choices",
-    "message",
-    "tool_calls",
-    "function",
-];
+/// Whether an object member carries prompt text, read from its key
+/// without allocating it (serde's `Cow<str>` would own every key it reads).
+struct TextKey(bool);
+
+fn is_text_key(key: &str) -> bool {
+    matches!(
+        key,
+        "content"
+            | "text"
+            | "input"
+            | "arguments"
+            | "output"
+            | "delta"
+            | "refusal"
+            | "reasoning_content"
+            | "thinking"
+            | "partial_json"
+            | "choices"
+            | "message"
+            | "tool_calls"
+            | "function"
+    )
+}
+
+impl<'de> Deserialize<'de> for TextKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(TextKeyVisitor)
+    }
+}
+
+struct TextKeyVisitor;
+
+impl Visitor<'_> for TextKeyVisitor {
+    type Value = TextKey;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<TextKey, E> {
+        Ok(TextKey(is_text_key(v)))
+    }
+}
 
 impl<'de> Deserialize<'de> for TextLen {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -193,8 +219,8 @@ impl<'de> Visitor<'de> for TextLenVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TextLen, A::Error> {
         let mut n = 0;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if TEXT_KEYS.contains(&key.as_ref()) {
+        while let Some(TextKey(text)) = map.next_key()? {
+            if text {
                 n += map.next_value::<TextLen>()?.0;
             } else {
                 map.next_value::<IgnoredAny>()?;
