@@ -13,7 +13,8 @@ use crate::boundary::{
     FakeCallouts, FakeClock, FakeFilterState, FakeMetrics, FakeSharedData, Sent,
 };
 use crate::stage::{
-    CalloutResponse, Chunk, Env, Headers, LogValues, Reply, RequestBody, Stage, Step,
+    CalloutResponse, Chunk, Env, Filter, Headers, LogValues, Reply, RequestBody, RootEnv, Stage,
+    Step,
 };
 
 /// One request and the upstream's answer to it.
@@ -116,6 +117,17 @@ impl Host {
             clock: FakeClock::at(ms),
             ..Host::default()
         }
+    }
+
+    /// What the filter's timer tick does (counters handed to Envoy, sweeps),
+    /// against this host's fakes.
+    pub fn tick<F: Filter>(&mut self, filter: &F) {
+        filter.tick(&mut RootEnv {
+            clock: &self.clock,
+            metrics: &mut self.metrics,
+            shared: &mut self.shared,
+            callouts: &mut FakeCallouts::default(),
+        });
     }
 
     pub fn run(

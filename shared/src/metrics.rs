@@ -12,6 +12,7 @@
 //! `consumer`) read `other`, and the totals stay right.
 
 use crate::boundary::{MetricKind, Metrics};
+use crate::config::ConfigError;
 use std::collections::HashMap;
 
 /// The registry's maps are looked up several times a request, by names of
@@ -94,6 +95,33 @@ fn write_name(name: &mut String, base: &str, labels: &[(&str, &str)]) {
     }
 }
 
+/// The `metrics_flush_ms` of a filter's configuration: how often counters
+/// kept in VM memory reach Envoy (default 1000; `0`: on every request; at
+/// most a minute).
+pub fn flush_ms(configured: Option<u64>) -> Result<u64, ConfigError> {
+    let ms = configured.unwrap_or(1000);
+    if ms > 60_000 {
+        return Err(ConfigError::new(
+            "metrics_flush_ms",
+            format!("{ms} is above 60000 (a minute)"),
+        ));
+    }
+    Ok(ms)
+}
+
+/// The filter's timer: hands what a registry kept to Envoy. A filter's
+/// `tick_ms` is its registry's [`Registry::period_ms`] (or shorter).
+pub fn flush_timer(registry: &std::cell::RefCell<Registry>, host: &mut dyn Metrics) {
+    if let Ok(mut r) = registry.try_borrow_mut() {
+        r.flush(host);
+    }
+}
+
+/// The period of a filter's registry, for its `tick_ms`.
+pub fn timer_period(registry: &std::cell::RefCell<Registry>) -> Option<u64> {
+    registry.try_borrow().ok()?.period_ms()
+}
+
 /// Metric ids by name, for one VM, with the series bound.
 ///
 /// A buffered registry keeps counter increments in VM memory and hands them
@@ -111,6 +139,8 @@ pub struct Registry {
     pending: Option<Map<u32, u64>>,
     /// Where a name is composed for a lookup.
     scratch: String,
+    /// The flush timer's period, for a registry made by [`Registry::flushed_every`].
+    period_ms: Option<u64>,
 }
 
 /// Labels whose values are free-form and are folded into `other` past the bound.
@@ -125,6 +155,7 @@ impl Registry {
             max_series,
             pending: None,
             scratch: String::new(),
+            period_ms: None,
         }
     }
 
@@ -134,6 +165,24 @@ impl Registry {
             pending: Some(Map::default()),
             ..Registry::new(max_series)
         }
+    }
+
+    /// The registry a filter's [`flush_ms`] asks for: buffered, unless
+    /// counters are to reach Envoy on every request.
+    pub fn flushed_every(flush_ms: u64, max_series: usize) -> Self {
+        match flush_ms {
+            0 => Registry::new(max_series),
+            _ => Registry {
+                period_ms: Some(flush_ms),
+                ..Registry::buffered(max_series)
+            },
+        }
+    }
+
+    /// How often the filter's timer should call [`flush_timer`]; `None`
+    /// when counters reach Envoy as they come.
+    pub fn period_ms(&self) -> Option<u64> {
+        self.period_ms
     }
 
     /// Hands the buffered counter increments to Envoy.

@@ -108,13 +108,14 @@ fn a_prompt_injection_is_blocked_before_the_upstream() {
         .contains("prompt_injection"));
     assert!(g.mock.requests().is_empty(), "nothing went upstream");
     assert_eq!(g.screen("inj"), "block");
-    let n = g.envoy.metric(
+    let n = g.envoy.metric_eventually(
         "aigw_screen_findings_total",
         &[
             ("detector", "prompt_injection"),
             ("action", "block"),
             ("direction", "request"),
         ],
+        1.0,
     );
     assert_eq!(n, Some(1.0));
 }
@@ -282,13 +283,14 @@ fn shadow_mode_counts_and_changes_nothing() {
     assert_eq!(g.mock.last_request().unwrap().body, body.as_bytes());
     assert_eq!(g.screen("shadow"), "pass");
     for detector in ["email", "prompt_injection"] {
-        let n = g.envoy.metric(
+        let n = g.envoy.metric_eventually(
             "aigw_screen_findings_total",
             &[
                 ("detector", detector),
                 ("action", "log"),
                 ("direction", "request"),
             ],
+            1.0,
         );
         assert_eq!(n, Some(1.0), "{detector}");
     }

@@ -250,9 +250,11 @@ fn aliases_reach_their_backend_with_the_model_rewritten_and_the_key_replaced() {
     assert_eq!(sent(&b.large).1["model"], "o3-mini");
     assert_eq!(b.line("alias-other")["route"], "passthrough");
 
-    let routed = b
-        .envoy
-        .metric("aigw_route_requests_total", &[("model", "gpt-4o-mini")]);
+    let routed = b.envoy.metric_eventually(
+        "aigw_route_requests_total",
+        &[("model", "gpt-4o-mini")],
+        1.0,
+    );
     assert_eq!(routed, Some(1.0), "routed requests by upstream model");
 
     // Neither key is written anywhere a log reader sees.

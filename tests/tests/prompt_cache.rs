@@ -57,16 +57,10 @@ impl Gateway {
         self.mock.requests().len()
     }
 
-    fn metric(&self, name: &str) -> f64 {
-        // Envoy exports stats on its flush interval.
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            let v = self.envoy.metric(name, &[]).unwrap_or(0.0);
-            if v > 0.0 || Instant::now() > deadline {
-                return v;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+    /// A counter once it reads `want` (the filter hands its counters to
+    /// Envoy on a 1 s timer), or what it last read.
+    fn metric(&self, name: &str, want: f64) -> f64 {
+        self.envoy.metric_eventually(name, &[], want).unwrap_or(0.0)
     }
 }
 
@@ -172,9 +166,9 @@ fn a_repeated_prompt_is_a_hit_that_never_reaches_the_upstream() {
         Some(5.0)
     );
 
-    assert_eq!(g.metric("aigw_cache_hits_total"), 1.0);
-    assert_eq!(g.metric("aigw_cache_stores_total"), 1.0);
-    assert_eq!(g.metric("aigw_cache_tokens_saved_total"), 9.0);
+    assert_eq!(g.metric("aigw_cache_hits_total", 1.0), 1.0);
+    assert_eq!(g.metric("aigw_cache_stores_total", 1.0), 1.0);
+    assert_eq!(g.metric("aigw_cache_tokens_saved_total", 9.0), 9.0);
 }
 
 #[test]
@@ -215,7 +209,7 @@ fn clients_bypass_skip_the_lookup_or_skip_the_store() {
     ];
     let r = send(g.envoy.addr(), CHAT, &headers, &raw);
     assert_eq!(said(&r), Some("bypass"));
-    assert_eq!(g.metric("aigw_cache_bypasses_total"), 9.0);
+    assert_eq!(g.metric("aigw_cache_bypasses_total", 9.0), 9.0);
 }
 
 #[test]
@@ -371,8 +365,11 @@ fn the_memory_bound_holds_under_ten_times_the_capacity() {
         assert_eq!(said(&r), Some("miss"));
         assert_eq!(said(&g.post("erin", &[], &hot)), Some("hit"), "after {i}");
     }
-    let stores = g.metric("aigw_cache_stores_total");
-    let evictions = g.metric("aigw_cache_evictions_total");
+    let stores = g.metric("aigw_cache_stores_total", 161.0);
+    let evictions = g
+        .envoy
+        .metric("aigw_cache_evictions_total", &[])
+        .unwrap_or(0.0);
     assert_eq!(stores, 161.0);
     // At most 10 entries fit in the bytes: every store past them evicts one.
     assert!(
@@ -570,8 +567,16 @@ fn two_envoys_share_hits_through_redis_and_its_outage_costs_only_hits() {
         Some("hit"),
         "local copy"
     );
-    let errors = a.metric("aigw_cache_tier_errors_total", &[]).unwrap_or(0.0)
-        + a.metric("aigw_cache_misses_total", &[]).unwrap_or(0.0);
+    // Counters reach Envoy on the filter's 1 s timer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let errors = loop {
+        let n = a.metric("aigw_cache_tier_errors_total", &[]).unwrap_or(0.0)
+            + a.metric("aigw_cache_misses_total", &[]).unwrap_or(0.0);
+        if n >= 1.0 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(errors >= 1.0);
 }
 

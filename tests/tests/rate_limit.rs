@@ -159,22 +159,24 @@ fn the_demo_policy_admits_60_requests_a_minute_per_consumer_then_429s() {
     let denied: Vec<&Value> = lines.iter().filter(|l| l["ratelimit"] == "deny").collect();
     assert_eq!(denied.len(), 1);
     assert_eq!(denied[0]["status"], 429);
-    std::thread::sleep(Duration::from_millis(1500));
-    let m = |outcome: &str| {
-        g.envoy.metric(
+    // Counters reach Envoy on the filter's 1 s timer.
+    let m = |outcome: &str, want: f64| {
+        g.envoy.metric_eventually(
             "aigw_ratelimit_requests_total",
             &[
                 ("rule", "per-consumer"),
                 ("consumer", "demo-rl-a"),
                 ("outcome", outcome),
             ],
+            want,
         )
     };
-    assert_eq!(m("allow"), Some(60.0));
-    assert_eq!(m("deny"), Some(1.0));
-    let settled = g.envoy.metric(
+    assert_eq!(m("allow", 60.0), Some(60.0));
+    assert_eq!(m("deny", 1.0), Some(1.0));
+    let settled = g.envoy.metric_eventually(
         "aigw_ratelimit_tokens_settled_total",
         &[("rule", "per-consumer"), ("consumer", "demo-rl-a")],
+        540.0,
     );
     // 60 answers of 4 prompt + 5 completion tokens.
     assert_eq!(settled, Some(540.0));
@@ -369,15 +371,15 @@ fn shadow_rules_log_shadow_deny_and_let_requests_through() {
         .map(|l| l["ratelimit"].as_str().unwrap())
         .collect();
     assert_eq!(outcomes, ["allow", "allow", "shadow_deny", "shadow_deny"]);
-    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
-        g.envoy.metric(
+        g.envoy.metric_eventually(
             "aigw_ratelimit_requests_total",
             &[
                 ("rule", "trial"),
                 ("consumer", "shadow-1"),
                 ("outcome", "shadow_deny")
-            ]
+            ],
+            2.0,
         ),
         Some(2.0)
     );

@@ -36,7 +36,9 @@ use crate::boundary::HttpCall;
 use crate::config::{self, ConfigError};
 use crate::facts;
 use crate::metrics::Registry;
-use crate::stage::{CalloutResponse, Chunk, Env, Filter, Headers, Reply, RequestBody, Stage, Step};
+use crate::stage::{
+    CalloutResponse, Chunk, Env, Filter, Headers, Reply, RequestBody, RootEnv, Stage, Step,
+};
 use crate::wire::api::{self, Api, Operation};
 use crate::wire::sse::{self, Item};
 use key::Key;
@@ -88,6 +90,9 @@ pub struct CacheConfig {
     pub local: LocalConfig,
     pub redis: Option<RedisConfig>,
     pub stale_on_error: Option<StaleConfig>,
+    /// How often counters kept in VM memory are handed to Envoy, in ms
+    /// (default 1000; 0: on every request).
+    pub metrics_flush_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -322,7 +327,10 @@ impl Cache {
             local,
             redis,
             stale_ms,
-            registry: RefCell::new(Registry::new(1024)),
+            registry: RefCell::new(Registry::flushed_every(
+                crate::metrics::flush_ms(c.metrics_flush_ms)?,
+                1024,
+            )),
         })
     }
 
@@ -344,6 +352,15 @@ impl Filter for Cache {
 
     fn stage(cache: &Rc<Self>) -> CacheStage {
         CacheStage::new(Rc::clone(cache))
+    }
+
+    fn tick_ms(&self) -> Option<u64> {
+        crate::metrics::timer_period(&self.registry)
+    }
+
+    /// Hands the counters kept in VM memory to Envoy.
+    fn tick(&self, env: &mut RootEnv<'_>) {
+        crate::metrics::flush_timer(&self.registry, env.metrics);
     }
 }
 

@@ -90,7 +90,6 @@ pub struct Meter {
     prices: Prices,
     access_log: bool,
     registry: RefCell<Registry>,
-    metrics_flush_ms: u64,
     presence: Presence,
 }
 
@@ -135,13 +134,7 @@ impl Meter {
             4 * max_event_bytes,
             1024..=(256 << 20),
         )?;
-        let metrics_flush_ms = c.metrics_flush_ms.unwrap_or(1000);
-        if metrics_flush_ms > 60_000 {
-            return Err(ConfigError::new(
-                "metrics_flush_ms",
-                format!("{metrics_flush_ms} is above 60000 (a minute)"),
-            ));
-        }
+        let metrics_flush_ms = metrics::flush_ms(c.metrics_flush_ms)?;
         let max_series = c.max_metric_series.unwrap_or(4096);
         if max_series == 0 {
             return Err(ConfigError::new("max_metric_series", "must be at least 1"));
@@ -157,12 +150,7 @@ impl Meter {
             max_inflated_bytes,
             prices: Prices::compile("prices", &c.prices)?,
             access_log: c.access_log.unwrap_or(true),
-            registry: RefCell::new(if metrics_flush_ms == 0 {
-                Registry::new(max_series)
-            } else {
-                Registry::buffered(max_series)
-            }),
-            metrics_flush_ms,
+            registry: RefCell::new(Registry::flushed_every(metrics_flush_ms, max_series)),
             presence: Presence::default(),
         })
     }
@@ -181,14 +169,12 @@ impl Filter for Meter {
     }
 
     fn tick_ms(&self) -> Option<u64> {
-        (self.metrics_flush_ms > 0).then_some(self.metrics_flush_ms)
+        metrics::timer_period(&self.registry)
     }
 
     /// Hands the counters kept in VM memory to Envoy.
     fn tick(&self, env: &mut RootEnv<'_>) {
-        if let Ok(mut registry) = self.registry.try_borrow_mut() {
-            registry.flush(env.metrics);
-        }
+        metrics::flush_timer(&self.registry, env.metrics);
     }
 }
 

@@ -24,6 +24,9 @@ pub struct RateLimitConfig {
     pub response_headers: Option<bool>,
     /// Distinct metric series per VM before consumer folds into `other` (default 4096).
     pub max_metric_series: Option<usize>,
+    /// How often counters kept in VM memory are handed to Envoy, in ms
+    /// (default 1000; 0: on every request).
+    pub metrics_flush_ms: Option<u64>,
     /// Hold request headers while the body is read, so nothing reaches the
     /// upstream before the decision (default true; needs Envoy's
     /// `allow_on_headers_stop_iteration`). False lets the headers go on and
@@ -193,6 +196,7 @@ pub struct Compiled {
     pub default_max_tokens: u64,
     pub response_headers: bool,
     pub max_metric_series: usize,
+    pub metrics_flush_ms: u64,
     pub hold_request_headers: bool,
 }
 
@@ -472,6 +476,7 @@ pub fn compile(c: RateLimitConfig) -> Result<Compiled, ConfigError> {
         default_max_tokens: default_max_tokens as u64,
         response_headers: c.response_headers.unwrap_or(true),
         max_metric_series,
+        metrics_flush_ms: crate::metrics::flush_ms(c.metrics_flush_ms)?,
         hold_request_headers: c.hold_request_headers.unwrap_or(true),
     })
 }

@@ -58,7 +58,10 @@ impl RateLimit {
         let c: RateLimitConfig = cfg::parse(bytes)?;
         let c = config::compile(c)?;
         Ok(RateLimit {
-            registry: RefCell::new(Registry::new(c.max_metric_series)),
+            registry: RefCell::new(Registry::flushed_every(
+                c.metrics_flush_ms,
+                c.max_metric_series,
+            )),
             swept_ms: std::cell::Cell::new(0),
             c,
         })
@@ -96,13 +99,20 @@ impl Filter for RateLimit {
         RateLimitStage::new(Rc::clone(filter))
     }
 
-    /// Local counters clean themselves on every write; the sweep frees the
-    /// slots of consumers that stopped calling.
+    /// The metrics' flush, and for local counters the sweep: they clean
+    /// themselves on every write, and the sweep frees the slots of
+    /// consumers that stopped calling.
     fn tick_ms(&self) -> Option<u64> {
-        self.c.service.is_none().then_some(SWEEP_MS)
+        let sweep = self.c.service.is_none().then_some(SWEEP_MS);
+        let flush = crate::metrics::timer_period(&self.registry);
+        sweep.into_iter().chain(flush).min()
     }
 
     fn tick(&self, env: &mut RootEnv<'_>) {
+        crate::metrics::flush_timer(&self.registry, env.metrics);
+        if self.c.service.is_some() {
+            return;
+        }
         let now = env.clock.now_ms();
         // A host (the bundle) may tick more often than asked.
         if now.saturating_sub(self.swept_ms.get()) < SWEEP_MS {

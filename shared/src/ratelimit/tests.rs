@@ -93,6 +93,7 @@ fn a_request_limit_admits_exactly_n_per_window_per_consumer() {
     // The next minute admits again.
     h.clock.advance(41_000);
     assert_eq!(run(&mut h, &f, &chat("alice", None)).client_status, 200);
+    h.tick(&*f);
     assert_eq!(
         h.metrics
             .counter("aigw_ratelimit_requests_total;rule=rpm;consumer=alice;outcome=allow"),
@@ -181,6 +182,7 @@ fn tokens_are_reserved_then_settled_to_the_real_usage() {
         200
     );
     assert_eq!(counters::read(&h.shared, &place, start), 812);
+    h.tick(&*f);
     assert_eq!(
         h.metrics
             .counter("aigw_ratelimit_tokens_settled_total;rule=tpm;consumer=alice"),
@@ -321,6 +323,7 @@ fn shadow_rules_report_and_never_deny() {
     assert_eq!((a.client_status, b.client_status), (200, 200));
     assert_eq!(a.state.text(facts::RATELIMIT), Some("allow"));
     assert_eq!(b.state.text(facts::RATELIMIT), Some("shadow_deny"));
+    h.tick(&*f);
     assert_eq!(
         h.metrics
             .counter("aigw_ratelimit_requests_total;rule=trial;consumer=alice;outcome=shadow_deny"),
@@ -590,6 +593,7 @@ fn a_failed_service_follows_the_failure_mode() {
                 answer.clone()
             });
             assert_eq!(out.client_status, want, "{mode} {answer:?}");
+            h.tick(&*f);
             assert_eq!(
                 h.metrics.counter("aigw_ratelimit_service_errors_total"),
                 i as u64 + 1
@@ -663,4 +667,25 @@ fn headers_name_the_tightest_limit_of_each_kind_and_list_them_all() {
     let got: Vec<(&str, &str)> = got.iter().map(|(k, v)| (*k, v.as_str())).collect();
     assert_eq!(got, want);
     assert!(headers_for(&[], true).is_empty());
+}
+
+#[test]
+fn the_timer_flushes_counters_and_sweeps_local_ones() {
+    let rules = r#""rules": [{"name": "rpm", "limits": [{"requests": 3, "per": "minute"}]}]"#;
+    let global = r#""counters": "global", "service": {"cluster": "rls"}"#;
+    let cases = [
+        (format!("{{{rules}}}"), Some(1000)),
+        (
+            format!(r#"{{{rules}, "metrics_flush_ms": 0}}"#),
+            Some(SWEEP_MS),
+        ),
+        (format!("{{{rules}, {global}}}"), Some(1000)),
+        (
+            format!(r#"{{{rules}, {global}, "metrics_flush_ms": 0}}"#),
+            None,
+        ),
+    ];
+    for (json, want) in cases {
+        assert_eq!(filter(&json).tick_ms(), want, "{json}");
+    }
 }

@@ -49,6 +49,9 @@ pub struct RouterConfig {
     /// no body rewrite): for hosts that cannot hold them, such as Istio's
     /// WasmPlugin.
     pub hold_request_headers: Option<bool>,
+    /// How often counters kept in VM memory are handed to Envoy, in ms
+    /// (default 1000; 0: on every request).
+    pub metrics_flush_ms: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -353,6 +356,7 @@ pub struct Compiled {
     pub map_response_model: bool,
     pub max_request_body_bytes: usize,
     pub hold_request_headers: bool,
+    pub metrics_flush_ms: u64,
 }
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -708,5 +712,6 @@ pub fn compile(c: RouterConfig) -> Result<Compiled, ConfigError> {
         map_response_model: c.map_response_model.unwrap_or(false),
         max_request_body_bytes,
         hold_request_headers: c.hold_request_headers.unwrap_or(true),
+        metrics_flush_ms: crate::metrics::flush_ms(c.metrics_flush_ms)?,
     })
 }

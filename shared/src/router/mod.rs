@@ -33,7 +33,7 @@ pub mod pattern;
 use crate::config::ConfigError;
 use crate::facts;
 use crate::metrics::Registry;
-use crate::stage::{Chunk, Env, Filter, Headers, Reply, RequestBody, Stage, Step};
+use crate::stage::{Chunk, Env, Filter, Headers, Reply, RequestBody, RootEnv, Stage, Step};
 use crate::wire::api::{self, Api, Family, Operation};
 use crate::wire::request::RequestFacts;
 use crate::wire::sse::{self, Item};
@@ -47,6 +47,11 @@ use std::rc::Rc;
 pub struct Router {
     c: Compiled,
     rules_need_shape: bool,
+    /// Some rule matches on the consumer or splits by it: only then is it
+    /// looked up (a filter-state read, a host call in the separate shape).
+    rules_need_consumer: bool,
+    /// Some rule splits, and a split is spread by the request id.
+    rules_need_request_id: bool,
     /// Spreads splits when a request has neither an id nor a consumer.
     counter: Cell<u64>,
     registry: RefCell<Registry>,
@@ -121,9 +126,23 @@ impl Router {
         let c = config::compile(crate::config::parse(bytes)?)?;
         Ok(Router {
             rules_need_shape: c.rules.iter().any(|r| r.when.needs_shape()),
-            c,
+            rules_need_consumer: c.rules.iter().any(|r| {
+                !r.when.consumer.is_empty()
+                    || matches!(
+                        r.choice,
+                        Choice::Split {
+                            sticky: Sticky::Consumer,
+                            ..
+                        }
+                    )
+            }),
+            rules_need_request_id: c
+                .rules
+                .iter()
+                .any(|r| matches!(r.choice, Choice::Split { .. })),
             counter: Cell::new(0),
-            registry: RefCell::new(Registry::new(1024)),
+            registry: RefCell::new(Registry::flushed_every(c.metrics_flush_ms, 1024)),
+            c,
         })
     }
 
@@ -335,6 +354,15 @@ impl Filter for Router {
 
     fn stage(router: &Rc<Self>) -> RouterStage {
         RouterStage::new(Rc::clone(router))
+    }
+
+    fn tick_ms(&self) -> Option<u64> {
+        crate::metrics::timer_period(&self.registry)
+    }
+
+    /// Hands the counters kept in VM memory to Envoy.
+    fn tick(&self, env: &mut RootEnv<'_>) {
+        crate::metrics::flush_timer(&self.registry, env.metrics);
     }
 }
 
@@ -653,18 +681,28 @@ impl RouterStage {
             },
         };
         let asked: Option<String> = read.facts.as_ref().and_then(|f| f.model.clone()).or(hint);
-        let consumer = facts::text(env.state, facts::CONSUMER).or_else(|| {
-            headers
-                .get(&router.c.consumer_header)
-                .map(str::trim)
-                .filter(|c| !c.is_empty())
-                .map(str::to_string)
-        });
-        let request_id = headers.get("x-request-id").map(str::to_string).or_else(|| {
-            env.state
-                .attribute(&["request", "id"])
-                .and_then(|v| String::from_utf8(v).ok())
-        });
+        let consumer = router
+            .rules_need_consumer
+            .then(|| {
+                facts::text(env.state, facts::CONSUMER).or_else(|| {
+                    headers
+                        .get(&router.c.consumer_header)
+                        .map(str::trim)
+                        .filter(|c| !c.is_empty())
+                        .map(str::to_string)
+                })
+            })
+            .flatten();
+        let request_id = router
+            .rules_need_request_id
+            .then(|| {
+                headers.get("x-request-id").map(str::to_string).or_else(|| {
+                    env.state
+                        .attribute(&["request", "id"])
+                        .and_then(|v| String::from_utf8(v).ok())
+                })
+            })
+            .flatten();
         let request = Request {
             model: asked.as_deref(),
             operation: api.operation,

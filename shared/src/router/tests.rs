@@ -518,11 +518,44 @@ fn callouts_are_never_made() {
     let ex = Exchange::post("/v1/chat/completions", &chat("fast", "hi"));
     let out = host.run(&mut stage, &ex, &mut |_: &Sent| CalloutResponse::Failed);
     assert!(out.callouts.is_empty());
+    // The counter is kept in VM memory until the timer hands it to Envoy.
+    let routed = "aigw_route_requests_total;model=gpt-4o-mini";
+    assert_eq!(host.metrics.counter(routed), 0);
+    host.tick(&*r);
+    assert_eq!(host.metrics.counter(routed), 1);
+    host.run(&mut Router::stage(&r), &ex, &mut no_service);
+    host.tick(&*r);
+    host.tick(&*r);
+    assert_eq!(host.metrics.counter(routed), 2, "each increment once");
+}
+
+#[test]
+fn counters_reach_envoy_on_the_timer_or_at_once() {
+    let at_once = Rc::new(router(&CONFIG.replacen(
+        '{',
+        r#"{"metrics_flush_ms":0,"#,
+        1,
+    )));
+    assert_eq!(at_once.tick_ms(), None);
+    let mut host = Host::default();
+    let ex = Exchange::post("/v1/chat/completions", &chat("fast", "hi"));
+    host.run(&mut Router::stage(&at_once), &ex, &mut no_service);
     assert_eq!(
         host.metrics
             .counter("aigw_route_requests_total;model=gpt-4o-mini"),
         1
     );
+    assert_eq!(router(CONFIG).tick_ms(), Some(1000));
+    let slow = router(&CONFIG.replacen('{', r#"{"metrics_flush_ms":60000,"#, 1));
+    assert_eq!(slow.tick_ms(), Some(60_000));
+    let err = Router::from_json(
+        CONFIG
+            .replacen('{', r#"{"metrics_flush_ms":60001,"#, 1)
+            .as_bytes(),
+    )
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(err.field, "metrics_flush_ms");
 }
 
 #[test]

@@ -99,6 +99,9 @@ pub struct ScreenConfig {
     pub max_hold_bytes: Option<usize>,
     /// Distinct metric series per VM (default 1024).
     pub max_metric_series: Option<usize>,
+    /// How often counters kept in VM memory are handed to Envoy, in ms
+    /// (default 1000; 0: on every request).
+    pub metrics_flush_ms: Option<u64>,
     /// Hold request headers while the body is read, so that a redaction can
     /// fix Content-Length (default true; needs Envoy's
     /// `allow_on_headers_stop_iteration`). False drops Content-Length up
@@ -124,6 +127,7 @@ pub struct Compiled {
     pub max_prompt_tokens: Option<u64>,
     pub max_hold_bytes: usize,
     pub max_metric_series: usize,
+    pub metrics_flush_ms: u64,
     pub hold_request_headers: bool,
     pub moderation: Option<Moderation>,
     pub shadow: bool,
@@ -322,6 +326,7 @@ impl Compiled {
             max_prompt_tokens: b.max_prompt_tokens,
             max_hold_bytes,
             max_metric_series,
+            metrics_flush_ms: crate::metrics::flush_ms(c.metrics_flush_ms)?,
             hold_request_headers: c.hold_request_headers.unwrap_or(true),
             shadow: c.shadow,
             moderation: c.moderation.map(Moderation::compile).transpose()?,

@@ -33,8 +33,8 @@ use crate::config::ConfigError;
 use crate::facts;
 use crate::metrics::Registry;
 use crate::stage::{
-    CalloutResponse, Chunk, Env, Filter, Headers, LogInput, Reply, RequestBody, Stage, Step,
-    DEFAULT_MAX_BODY,
+    CalloutResponse, Chunk, Env, Filter, Headers, LogInput, Reply, RequestBody, RootEnv, Stage,
+    Step, DEFAULT_MAX_BODY,
 };
 use crate::wire::api::{self, Api};
 use crate::wire::usage::estimate_tokens;
@@ -66,7 +66,10 @@ pub struct Screen {
 impl Screen {
     pub fn from_json(bytes: &[u8]) -> Result<Screen, ConfigError> {
         let c = Compiled::from_json(bytes)?;
-        let registry = RefCell::new(Registry::new(c.max_metric_series));
+        let registry = RefCell::new(Registry::flushed_every(
+            c.metrics_flush_ms,
+            c.max_metric_series,
+        ));
         Ok(Screen { c, registry })
     }
 
@@ -219,6 +222,15 @@ impl Filter for Screen {
 
     fn stage(screen: &Rc<Self>) -> ScreenStage {
         ScreenStage::new(Rc::clone(screen))
+    }
+
+    fn tick_ms(&self) -> Option<u64> {
+        crate::metrics::timer_period(&self.registry)
+    }
+
+    /// Hands the counters kept in VM memory to Envoy.
+    fn tick(&self, env: &mut RootEnv<'_>) {
+        crate::metrics::flush_timer(&self.registry, env.metrics);
     }
 }
 

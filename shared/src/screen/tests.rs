@@ -211,6 +211,8 @@ fn run(s: &Rc<Screen>, ex: &Exchange) -> (crate::exchange::Outcome, Host) {
     let mut host = Host::default();
     let mut stage = ScreenStage::new(Rc::clone(s));
     let out = host.run(&mut stage, ex, &mut no_service);
+    // As the filter's timer does: counters reach the host on a flush.
+    host.tick(&**s);
     (out, host)
 }
 
@@ -755,6 +757,7 @@ fn moderation_is_asked_about_the_redacted_prompt_and_its_failure_mode_decides() 
     let out = host.run(&mut ScreenStage::new(Rc::clone(&s)), &ex, &mut no_service);
     assert_eq!(out.client_status, 200);
     assert!(out.upstream.is_some());
+    host.tick(&*s);
     assert_eq!(
         host.metrics.counter("aigw_screen_findings_total;detector=moderation_unavailable;action=log;direction=request"),
         1
