@@ -32,6 +32,9 @@ pub struct TextStream {
     held: String,
     /// The last character released, for the look-behind of `\b`.
     before: String,
+    /// Where `before` and `held` are joined to be scanned; kept, with
+    /// the other two, from delta to delta, so a delta allocates no buffer.
+    window: String,
 }
 
 impl TextStream {
@@ -55,7 +58,10 @@ impl TextStream {
             return String::new();
         }
         let base = self.before.len();
-        let window = format!("{}{}", self.before, self.held);
+        let mut window = std::mem::take(&mut self.window);
+        window.clear();
+        window.push_str(&self.before);
+        window.push_str(&self.held);
         let n = Normalized::new(&window);
         let from = n.normalized_at(base);
         let scan = screen
@@ -107,14 +113,22 @@ impl TextStream {
                 .next_back()
                 .map_or(0, |(i, _)| i);
         }
-        self.before = window[last..safe].to_string();
-        if safe == base {
-            self.before = window[..base].to_string();
-        }
-        self.held = window[safe..].to_string();
+        self.before.clear();
+        self.before.push_str(if safe == base {
+            &window[..base]
+        } else {
+            &window[last..safe]
+        });
+        self.held.clear();
+        self.held.push_str(&window[safe..]);
+        self.window = window;
         out
     }
 }
+
+/// Which text of the answer a delta belongs to: the choice (OpenAI), the
+/// content block (Anthropic), the output and content part (Responses).
+type Key = (u64, u64);
 
 /// Where a text delta sits in an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +146,7 @@ pub struct SseScreen {
     family: Family,
     /// One text per choice / content block, with the last event that
     /// carried it (the template of an event made to flush it).
-    streams: BTreeMap<String, (TextStream, Vec<u8>, Vec<u8>)>,
+    streams: BTreeMap<Key, (TextStream, Vec<u8>, Vec<u8>)>,
     blocked: bool,
     /// The answer is compressed and cannot be read: it is refused.
     unreadable: bool,
@@ -277,12 +291,11 @@ impl SseScreen {
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
-                let key = format!("{idx}");
+                let key = (v.get("index").and_then(Value::as_u64).unwrap_or(0), 0);
                 if kind == "content_block_delta" {
                     if let Some(delta) = v.get_mut("delta").and_then(Value::as_object_mut) {
                         if let Some(Value::String(d)) = delta.get("text") {
-                            let t = self.stream(&key, event_type, data).push(screen, d, tally);
+                            let t = self.stream(key, event_type, data).push(screen, d, tally);
                             if delta.get("text").and_then(Value::as_str) != Some(&t) {
                                 delta.insert("text".into(), Value::String(t));
                                 changed = true;
@@ -290,7 +303,7 @@ impl SseScreen {
                         }
                     }
                 } else if kind == "content_block_stop" {
-                    self.flush(screen, &key, out, tally);
+                    self.flush(screen, key, out, tally);
                 } else if matches!(kind.as_str(), "message_delta" | "message_stop") {
                     self.flush_all(screen, out, tally);
                 } else {
@@ -303,14 +316,13 @@ impl SseScreen {
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                let key = format!(
-                    "{}:{}",
+                let key = (
                     v.get("output_index").and_then(Value::as_u64).unwrap_or(0),
-                    v.get("content_index").and_then(Value::as_u64).unwrap_or(0)
+                    v.get("content_index").and_then(Value::as_u64).unwrap_or(0),
                 );
                 if kind == "response.output_text.delta" {
                     if let Some(Value::String(d)) = v.get("delta") {
-                        let t = self.stream(&key, event_type, data).push(screen, d, tally);
+                        let t = self.stream(key, event_type, data).push(screen, d, tally);
                         if v.get("delta").and_then(Value::as_str) != Some(&t) {
                             v["delta"] = Value::String(t);
                             changed = true;
@@ -318,7 +330,7 @@ impl SseScreen {
                     }
                 } else {
                     if kind == "response.output_text.done" {
-                        self.flush(screen, &key, out, tally);
+                        self.flush(screen, key, out, tally);
                     } else if kind.starts_with("response.completed")
                         || kind == "response.incomplete"
                         || kind == "response.failed"
@@ -355,14 +367,14 @@ impl SseScreen {
         let mut texts: Vec<Option<String>> = Vec::new();
         let mut differs = false;
         for c in chunk.choices.iter().flatten() {
-            let key = c.index.to_string();
+            let key = (c.index, 0);
             let original = if chat {
                 c.delta.as_ref().and_then(|d| d.content.as_deref())
             } else {
                 c.text.as_deref()
             };
             let mut text =
-                original.map(|d| self.stream(&key, event_type, data).push(screen, d, tally));
+                original.map(|d| self.stream(key, event_type, data).push(screen, d, tally));
             if c.finish_reason.is_some() {
                 if let Some((s, _, _)) = self.streams.get_mut(&key) {
                     let rest = s.finish(screen, tally);
@@ -402,10 +414,10 @@ impl SseScreen {
 
     /// The text of one choice or block; the event is kept (as its bytes,
     /// parsed again only if a flush needs it) as the template of a flush.
-    fn stream(&mut self, key: &str, event_type: &[u8], data: &[u8]) -> &mut TextStream {
+    fn stream(&mut self, key: Key, event_type: &[u8], data: &[u8]) -> &mut TextStream {
         let entry = self
             .streams
-            .entry(key.to_string())
+            .entry(key)
             .or_insert_with(|| (TextStream::default(), Vec::new(), Vec::new()));
         entry.1.clear();
         entry.1.extend_from_slice(event_type);
@@ -415,8 +427,8 @@ impl SseScreen {
     }
 
     /// Sends what one text still holds, in an event made like its last delta.
-    fn flush(&mut self, screen: &Screen, key: &str, out: &mut Vec<u8>, tally: &mut Tally) {
-        let Some((mut s, event_type, data)) = self.streams.remove(key) else {
+    fn flush(&mut self, screen: &Screen, key: Key, out: &mut Vec<u8>, tally: &mut Tally) {
+        let Some((mut s, event_type, data)) = self.streams.remove(&key) else {
             return;
         };
         let rest = s.finish(screen, tally);
@@ -434,7 +446,7 @@ impl SseScreen {
                 } else {
                     "text"
                 };
-                let idx: u64 = key.parse().unwrap_or(0);
+                let idx = key.0;
                 let choice = template
                     .get("choices")
                     .and_then(Value::as_array)
@@ -484,9 +496,9 @@ impl SseScreen {
     }
 
     fn flush_all(&mut self, screen: &Screen, out: &mut Vec<u8>, tally: &mut Tally) {
-        let keys: Vec<String> = self.streams.keys().cloned().collect();
+        let keys: Vec<Key> = self.streams.keys().copied().collect();
         for k in keys {
-            self.flush(screen, &k, out, tally);
+            self.flush(screen, k, out, tally);
         }
     }
 }
