@@ -633,12 +633,12 @@ mod tests {
             model: Some("gpt-4o-mini".into()),
             ..facts::Route::default()
         };
-        facts::put_route(&mut layered, &route);
+        facts::put_route(&mut layered, route.clone());
         assert!(layered.kept(facts::ROUTE).is_some());
         assert_eq!(facts::route(&layered), Some(route.clone()));
         // The bytes are the ones a separate filter writes to filter state.
         let mut separate = crate::boundary::FakeFilterState::default();
-        facts::put_route(&mut separate, &route);
+        facts::put_route(&mut separate, route.clone());
         assert_eq!(
             layered.get(facts::ROUTE),
             separate.values.get(facts::ROUTE).cloned()

@@ -73,6 +73,20 @@ fn put_json<T: serde::Serialize + Clone + 'static>(state: &mut dyn FilterState, 
     if state.keeps_values() && state.keep(key, Box::new(v.clone())) {
         return;
     }
+    put_bytes(state, key, v);
+}
+
+/// [`put_json`] for a value the writer is done with: kept without a copy.
+fn put_owned<T: serde::Serialize + 'static>(state: &mut dyn FilterState, key: &str, v: T) {
+    if state.keeps_values() {
+        // Where facts stay in memory, keeping them is all there is to do.
+        let _ = state.keep(key, Box::new(v));
+        return;
+    }
+    put_bytes(state, key, &v);
+}
+
+fn put_bytes<T: serde::Serialize>(state: &mut dyn FilterState, key: &str, v: &T) {
     if let Ok(bytes) = serde_json::to_vec(v) {
         state.set(key, &bytes);
     }
@@ -100,7 +114,9 @@ pub fn request(state: &dyn FilterState) -> Option<RequestFacts> {
     json(state, REQUEST)
 }
 
-/// What model-router decided for a request.
+/// What model-router decided for a request. Members it does not know
+/// are left out of the JSON (a reader takes them as `None`): the fact is
+/// written on every routed request, and its bytes are copied into Envoy.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Route {
     /// The target's name.
@@ -109,24 +125,24 @@ pub struct Route {
     /// `default`, `missing_model`.
     pub reason: String,
     /// The model sent upstream.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// The target's provider, when its configuration names one.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     /// The tier of an `auto` request, and its complexity score.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score: Option<u32>,
     /// The model the client asked for, when the router read it somewhere
     /// other than the body (an Azure path, a header).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_requested: Option<String>,
 }
 
-pub fn put_route(state: &mut dyn FilterState, r: &Route) {
-    put_json(state, ROUTE, r);
+pub fn put_route(state: &mut dyn FilterState, r: Route) {
+    put_owned(state, ROUTE, r);
 }
 
 pub fn route(state: &dyn FilterState) -> Option<Route> {
@@ -176,7 +192,14 @@ mod tests {
             score: Some(12),
             ..Route::default()
         };
-        put_route(&mut s, &route);
+        put_route(&mut s, route.clone());
+        assert_eq!(
+            s.text(ROUTE),
+            Some(
+                r#"{"target":"small","reason":"auto:small","model":"gpt-4o-mini","tier":"small","score":12}"#
+            ),
+            "what the router does not know is left out"
+        );
         assert_eq!(super::route(&s), Some(route));
         put_usage(&mut s, &u);
         assert_eq!(usage(&s), Some(u));

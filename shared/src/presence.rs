@@ -18,7 +18,7 @@ use std::cell::Cell;
 /// The filters whose facts the meter reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Writer {
-    /// A filter above the meter that parsed the request body (`aigw.request`).
+    /// A filter above this one that parsed the request body (`aigw.request`).
     Above,
     /// Whoever names the consumer (`aigw.consumer`: rate-limit's identity).
     Identity,

@@ -19,6 +19,7 @@
 
 use crate::boundary::{Callouts, Clock, FilterState, Metrics, SharedData};
 use crate::config::ConfigError;
+use crate::presence::{Presence, Writer};
 use crate::wire::request::{self, RequestFacts};
 use std::rc::Rc;
 
@@ -262,10 +263,22 @@ impl RequestBody {
     /// of this VM (the bundle), else published by an earlier filter
     /// (`aigw.request`), else parsed now. `true` when they came from
     /// another filter, which then also published the model it names.
-    pub fn shared_facts(&mut self, state: &dyn FilterState) -> (Option<&RequestFacts>, bool) {
+    ///
+    /// `above` is the caller's record of whether a filter before it
+    /// publishes them, `probing` what [`Presence::begin`] said of this
+    /// request: where none does (the filter runs alone, or first), the fact
+    /// is looked for only while probing, not at the price of a host call on
+    /// every request.
+    pub fn shared_facts(
+        &mut self,
+        state: &dyn FilterState,
+        above: &Presence,
+        probing: bool,
+    ) -> (Option<&RequestFacts>, bool) {
         let mut published = false;
-        if self.facts.is_none() {
+        if self.facts.is_none() && above.wants(Writer::Above, probing) {
             if let Some(f) = crate::facts::request(state) {
+                above.saw(Writer::Above);
                 self.facts = Some(Some(f));
                 published = true;
             }

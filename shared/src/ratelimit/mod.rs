@@ -32,6 +32,7 @@ use crate::boundary::GrpcCall;
 use crate::config::{self as cfg, ConfigError};
 use crate::facts;
 use crate::metrics::Registry;
+use crate::presence::Presence;
 use crate::stage::{
     CalloutResponse, Env, Filter, Headers, LogInput, Reply, RequestBody, RootEnv, Stage, Step,
 };
@@ -51,6 +52,8 @@ pub struct RateLimit {
     registry: RefCell<Registry>,
     /// When this VM last swept its counters.
     swept_ms: std::cell::Cell<u64>,
+    /// Whether a filter before this one publishes the request's facts.
+    above: Presence,
 }
 
 impl RateLimit {
@@ -63,6 +66,7 @@ impl RateLimit {
                 c.max_metric_series,
             )),
             swept_ms: std::cell::Cell::new(0),
+            above: Presence::default(),
             c,
         })
     }
@@ -865,7 +869,11 @@ impl Stage for RateLimitStage {
         body: &mut RequestBody,
         headers: &mut Headers,
     ) -> Step {
-        let facts = body.shared_facts(&*env.state).0.cloned();
+        let probing = self.f.above.begin();
+        let facts = body
+            .shared_facts(&*env.state, &self.f.above, probing)
+            .0
+            .cloned();
         self.matched = self.matching(env, headers, facts.as_ref());
         let needs_tokens = self.matched.iter().any(|&ri| {
             self.f.c.rules[ri]

@@ -33,6 +33,7 @@ pub mod pattern;
 use crate::config::ConfigError;
 use crate::facts;
 use crate::metrics::Registry;
+use crate::presence::{Presence, Writer};
 use crate::stage::{Chunk, Env, Filter, Headers, Reply, RequestBody, RootEnv, Stage, Step};
 use crate::wire::api::{self, Api, Family, Operation};
 use crate::wire::request::RequestFacts;
@@ -55,6 +56,9 @@ pub struct Router {
     /// Spreads splits when a request has neither an id nor a consumer.
     counter: Cell<u64>,
     registry: RefCell<Registry>,
+    /// Whether filters before this one publish the request's facts and
+    /// the consumer: looked for only once seen, or while probing.
+    above: Presence,
 }
 
 impl std::fmt::Debug for Router {
@@ -142,6 +146,7 @@ impl Router {
                 .any(|r| matches!(r.choice, Choice::Split { .. })),
             counter: Cell::new(0),
             registry: RefCell::new(Registry::flushed_every(c.metrics_flush_ms, 1024)),
+            above: Presence::default(),
             c,
         })
     }
@@ -553,8 +558,9 @@ impl RouterStage {
         env: &mut Env<'_>,
         body: &mut RequestBody,
         model_hint: Option<&str>,
+        probing: bool,
     ) -> Read {
-        let (facts, published) = body.shared_facts(&*env.state);
+        let (facts, published) = body.shared_facts(&*env.state, &self.router.above, probing);
         let facts = facts.cloned();
         let model = facts
             .as_ref()
@@ -578,6 +584,7 @@ impl RouterStage {
         env: &mut Env<'_>,
         body: &mut RequestBody,
         hint: Option<&str>,
+        probing: bool,
     ) -> Result<Read, Step> {
         let none = Read {
             facts: None,
@@ -604,7 +611,7 @@ impl RouterStage {
         if body.bytes().is_empty() {
             return Ok(none);
         }
-        let read = self.read_body(env, body, hint);
+        let read = self.read_body(env, body, hint, probing);
         if read.facts.is_none() && self.router.c.non_json == NonJson::Reject {
             return Err(self.reject(
                 env,
@@ -638,7 +645,7 @@ impl RouterStage {
             score: d.score,
             model_requested: asked.filter(|_| !written).map(str::to_string),
         };
-        facts::put_route(env.state, &route);
+        facts::put_route(env.state, route);
         if let Ok(mut reg) = self.router.registry.try_borrow_mut() {
             let model = d.upstream_model.as_deref().or(asked).unwrap_or("unknown");
             reg.add(env.metrics, metric::ROUTED, &[("model", model)], 1);
@@ -659,6 +666,8 @@ impl RouterStage {
             return Step::Continue;
         };
         let router = Rc::clone(&self.router);
+        // Whether this request looks for facts of filters not seen before.
+        let probing = router.above.begin();
         let header_model = router
             .c
             .model_header
@@ -675,7 +684,7 @@ impl RouterStage {
         };
         let read = match body.as_deref_mut() {
             None => no_read,
-            Some(body) => match self.read_whole(env, body, hint.as_deref()) {
+            Some(body) => match self.read_whole(env, body, hint.as_deref(), probing) {
                 Ok(read) => read,
                 Err(step) => return step,
             },
@@ -684,7 +693,15 @@ impl RouterStage {
         let consumer = router
             .rules_need_consumer
             .then(|| {
-                facts::text(env.state, facts::CONSUMER).or_else(|| {
+                let above = &router.above;
+                let published = above
+                    .wants(Writer::Identity, probing)
+                    .then(|| facts::text(env.state, facts::CONSUMER))
+                    .flatten();
+                if published.is_some() {
+                    above.saw(Writer::Identity);
+                }
+                published.or_else(|| {
                     headers
                         .get(&router.c.consumer_header)
                         .map(str::trim)

@@ -739,3 +739,45 @@ fn in_the_bundle_the_meter_logs_what_the_router_decided() {
     assert_eq!(line["route_reason"], "alias:fast", "{line}");
     assert_eq!(line["input_tokens"], 3, "{line}");
 }
+
+#[test]
+fn facts_of_filters_before_it_are_read_once_seen_or_while_probing() {
+    use crate::presence::{LEARN, PROBE_EVERY};
+    use crate::wire::request::RequestFacts;
+    let r = Rc::new(router(CONFIG));
+    // The body asks for `fast`; an earlier filter's facts say `smart`, and
+    // its consumer fact names a gold consumer: whichever the router reads
+    // decides the target.
+    let ex = Exchange::post("/v1/chat/completions", &chat("fast", "hi"));
+    let published = || {
+        let mut s = FakeFilterState::default().with(facts::CONSUMER, "gold-1");
+        let f = RequestFacts {
+            model: Some("smart".into()),
+            ..RequestFacts::default()
+        };
+        s.values
+            .insert(facts::REQUEST.into(), serde_json::to_vec(&f).unwrap());
+        s
+    };
+    // Alone, for the VM's first requests and beyond.
+    for _ in 0..LEARN + PROBE_EVERY {
+        let route = routed(&run(&r, &ex).state);
+        assert_eq!(route.reason, "alias:fast");
+        // Nobody else wrote aigw.model_requested: the route carries it.
+        assert_eq!(route.model_requested.as_deref(), Some("fast"));
+    }
+    // A filter that publishes is added before it: within one probe
+    // interval its facts are read, and from then on always.
+    let found = (0..PROBE_EVERY)
+        .position(|_| routed(&run_with(&r, &ex, published()).state).reason == "rule:gold");
+    assert!(found.is_some(), "not found within {PROBE_EVERY} requests");
+    for _ in 0..2 * PROBE_EVERY {
+        let route = routed(&run_with(&r, &ex, published()).state);
+        assert_eq!(
+            (route.reason.as_str(), route.target.as_str()),
+            ("rule:gold", "large")
+        );
+        // The model came from the published facts, whose writer wrote it.
+        assert_eq!(route.model_requested, None);
+    }
+}
