@@ -189,11 +189,11 @@ impl Identity {
         headers: &mut Headers,
     ) -> Result<(String, Source), Reply> {
         let probing = self.above.begin();
-        if self.above.wants(Writer::Identity, probing) {
-            if let Some(c) = facts::text(env.state, facts::CONSUMER) {
-                self.above.saw(Writer::Identity);
-                return Ok((c, Source::Fact));
-            }
+        let published = self.above.look(Writer::Identity, probing, || {
+            facts::text(env.state, facts::CONSUMER)
+        });
+        if let Some(c) = published {
+            return Ok((c, Source::Fact));
         }
         let (consumer, source) = self.lookup(env, headers)?;
         if source != Source::Header || self.header.as_deref() != Some(&self.consumer_header) {

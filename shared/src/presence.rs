@@ -63,6 +63,19 @@ impl Presence {
     pub fn saw(&self, w: Writer) {
         self.seen.set(self.seen.get() | (1 << w as u8));
     }
+
+    /// Reads `w`'s fact with `read` if it is wanted on this request, and
+    /// notes what it finds.
+    pub fn look<T>(&self, w: Writer, probing: bool, read: impl FnOnce() -> Option<T>) -> Option<T> {
+        if !self.wants(w, probing) {
+            return None;
+        }
+        let v = read();
+        if v.is_some() {
+            self.saw(w);
+        }
+        v
+    }
 }
 
 #[cfg(test)]

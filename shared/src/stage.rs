@@ -276,9 +276,8 @@ impl RequestBody {
         probing: bool,
     ) -> (Option<&RequestFacts>, bool) {
         let mut published = false;
-        if self.facts.is_none() && above.wants(Writer::Above, probing) {
-            if let Some(f) = crate::facts::request(state) {
-                above.saw(Writer::Above);
+        if self.facts.is_none() {
+            if let Some(f) = above.look(Writer::Above, probing, || crate::facts::request(state)) {
                 self.facts = Some(Some(f));
                 published = true;
             }

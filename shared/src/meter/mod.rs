@@ -257,15 +257,9 @@ impl MeterStage {
         get: impl FnOnce(&dyn crate::boundary::FilterState) -> Option<T>,
         env: &Env<'_>,
     ) -> Option<T> {
-        let presence = &self.meter.presence;
-        if !presence.wants(w, self.probing) {
-            return None;
-        }
-        let v = get(&*env.state);
-        if v.is_some() {
-            presence.saw(w);
-        }
-        v
+        self.meter
+            .presence
+            .look(w, self.probing, || get(&*env.state))
     }
 
     fn wants_injection(&self, api: &Api, r: &RequestFacts) -> bool {

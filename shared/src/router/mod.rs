@@ -693,14 +693,9 @@ impl RouterStage {
         let consumer = router
             .rules_need_consumer
             .then(|| {
-                let above = &router.above;
-                let published = above
-                    .wants(Writer::Identity, probing)
-                    .then(|| facts::text(env.state, facts::CONSUMER))
-                    .flatten();
-                if published.is_some() {
-                    above.saw(Writer::Identity);
-                }
+                let published = router.above.look(Writer::Identity, probing, || {
+                    facts::text(env.state, facts::CONSUMER)
+                });
                 published.or_else(|| {
                     headers
                         .get(&router.c.consumer_header)
