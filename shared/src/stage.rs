@@ -19,8 +19,10 @@
 
 use crate::boundary::{Callouts, Clock, FilterState, Metrics, SharedData};
 use crate::config::ConfigError;
+use crate::metrics::Registry;
 use crate::presence::{Presence, Writer};
 use crate::wire::request::{self, RequestFacts};
+use std::cell::RefCell;
 use std::rc::Rc;
 
 /// Headers as the host gave them (names lower-case, as Envoy stores them),
@@ -599,12 +601,24 @@ pub trait Filter: Sized + 'static {
 
     fn stage(filter: &Rc<Self>) -> Self::Stage;
 
-    /// How often [`Filter::tick`] runs, if at all.
-    fn tick_ms(&self) -> Option<u64> {
+    /// The filter's metric registry, whose buffered counters the timer
+    /// hands to Envoy (the default [`Filter::tick_ms`] and [`Filter::tick`]).
+    fn registry(&self) -> Option<&RefCell<Registry>> {
         None
     }
 
-    fn tick(&self, _env: &mut RootEnv<'_>) {}
+    /// How often [`Filter::tick`] runs, if at all: by default as often as
+    /// the registry's counters are to be flushed.
+    fn tick_ms(&self) -> Option<u64> {
+        crate::metrics::timer_period(self.registry()?)
+    }
+
+    /// By default, hands the registry's counters to Envoy.
+    fn tick(&self, env: &mut RootEnv<'_>) {
+        if let Some(registry) = self.registry() {
+            crate::metrics::flush_timer(registry, env.metrics);
+        }
+    }
 
     /// Runs once when the configuration is loaded, before the VM sees a
     /// request (creating shared-data keys that must exist before workers race

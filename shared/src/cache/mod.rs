@@ -36,9 +36,7 @@ use crate::boundary::HttpCall;
 use crate::config::{self, ConfigError};
 use crate::facts;
 use crate::metrics::Registry;
-use crate::stage::{
-    CalloutResponse, Chunk, Env, Filter, Headers, Reply, RequestBody, RootEnv, Stage, Step,
-};
+use crate::stage::{CalloutResponse, Chunk, Env, Filter, Headers, Reply, RequestBody, Stage, Step};
 use crate::wire::api::{self, Api, Operation};
 use crate::wire::sse::{self, Item};
 use key::Key;
@@ -354,13 +352,8 @@ impl Filter for Cache {
         CacheStage::new(Rc::clone(cache))
     }
 
-    fn tick_ms(&self) -> Option<u64> {
-        crate::metrics::timer_period(&self.registry)
-    }
-
-    /// Hands the counters kept in VM memory to Envoy.
-    fn tick(&self, env: &mut RootEnv<'_>) {
-        crate::metrics::flush_timer(&self.registry, env.metrics);
+    fn registry(&self) -> Option<&RefCell<Registry>> {
+        Some(&self.registry)
     }
 }
 

@@ -25,7 +25,7 @@ use crate::config::{self, ConfigError};
 use crate::facts;
 use crate::metrics::{self, Registry};
 use crate::presence::{Presence, Writer};
-use crate::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, RootEnv, Stage, Step};
+use crate::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, Stage, Step};
 use crate::wire::api::{self, Api, Family, Operation};
 use crate::wire::decode::{Decoder, Fed};
 use crate::wire::json_scan::TopLevel;
@@ -168,13 +168,8 @@ impl Filter for Meter {
         MeterStage::new(Rc::clone(meter))
     }
 
-    fn tick_ms(&self) -> Option<u64> {
-        metrics::timer_period(&self.registry)
-    }
-
-    /// Hands the counters kept in VM memory to Envoy.
-    fn tick(&self, env: &mut RootEnv<'_>) {
-        metrics::flush_timer(&self.registry, env.metrics);
+    fn registry(&self) -> Option<&RefCell<Registry>> {
+        Some(&self.registry)
     }
 }
 

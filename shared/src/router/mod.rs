@@ -34,7 +34,7 @@ use crate::config::ConfigError;
 use crate::facts;
 use crate::metrics::Registry;
 use crate::presence::{Presence, Writer};
-use crate::stage::{Chunk, Env, Filter, Headers, Reply, RequestBody, RootEnv, Stage, Step};
+use crate::stage::{Chunk, Env, Filter, Headers, Reply, RequestBody, Stage, Step};
 use crate::wire::api::{self, Api, Family, Operation};
 use crate::wire::request::RequestFacts;
 use crate::wire::sse::{self, Item};
@@ -361,13 +361,8 @@ impl Filter for Router {
         RouterStage::new(Rc::clone(router))
     }
 
-    fn tick_ms(&self) -> Option<u64> {
-        crate::metrics::timer_period(&self.registry)
-    }
-
-    /// Hands the counters kept in VM memory to Envoy.
-    fn tick(&self, env: &mut RootEnv<'_>) {
-        crate::metrics::flush_timer(&self.registry, env.metrics);
+    fn registry(&self) -> Option<&RefCell<Registry>> {
+        Some(&self.registry)
     }
 }
 

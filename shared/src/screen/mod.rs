@@ -33,8 +33,8 @@ use crate::config::ConfigError;
 use crate::facts;
 use crate::metrics::Registry;
 use crate::stage::{
-    CalloutResponse, Chunk, Env, Filter, Headers, LogInput, Reply, RequestBody, RootEnv, Stage,
-    Step, DEFAULT_MAX_BODY,
+    CalloutResponse, Chunk, Env, Filter, Headers, LogInput, Reply, RequestBody, Stage, Step,
+    DEFAULT_MAX_BODY,
 };
 use crate::wire::api::{self, Api};
 use crate::wire::usage::estimate_tokens;
@@ -224,13 +224,8 @@ impl Filter for Screen {
         ScreenStage::new(Rc::clone(screen))
     }
 
-    fn tick_ms(&self) -> Option<u64> {
-        crate::metrics::timer_period(&self.registry)
-    }
-
-    /// Hands the counters kept in VM memory to Envoy.
-    fn tick(&self, env: &mut RootEnv<'_>) {
-        crate::metrics::flush_timer(&self.registry, env.metrics);
+    fn registry(&self) -> Option<&RefCell<Registry>> {
+        Some(&self.registry)
     }
 }
 
