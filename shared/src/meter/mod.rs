@@ -29,9 +29,10 @@ use crate::stage::{Chunk, Env, Filter, Headers, LogInput, RequestBody, Stage, St
 use crate::wire::api::{self, Api, Family, Operation};
 use crate::wire::decode::{Decoder, Fed};
 use crate::wire::json_scan::TopLevel;
-use crate::wire::request::{self, RequestFacts, TextLen};
+use crate::wire::request::{self, RequestFacts};
 use crate::wire::sse::{self, Item};
 use crate::wire::usage::{estimate_tokens, Observed, Usage, UsageSource, WireUsage};
+use crate::wire::walk::{Bad, Walked, Walker};
 use access_log::Line;
 use price::{PriceConfig, Prices};
 use serde::Deserialize;
@@ -889,24 +890,6 @@ enum EventUse {
 }
 
 #[derive(Deserialize)]
-struct EventWire<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
-    #[serde(default)]
-    usage: Option<WireUsage>,
-    #[serde(borrow, default)]
-    message: Option<Inner<'a>>,
-    #[serde(borrow, default)]
-    response: Option<Inner<'a>>,
-    #[serde(borrow, default)]
-    choices: Option<Vec<ChoiceWire<'a>>>,
-    #[serde(default)]
-    delta: Option<TextLen>,
-}
-
-#[derive(Deserialize)]
 struct Inner<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
@@ -914,14 +897,91 @@ struct Inner<'a> {
     usage: Option<WireUsage>,
 }
 
-#[derive(Deserialize)]
-struct ChoiceWire<'a> {
-    #[serde(default)]
-    delta: Option<TextLen>,
-    #[serde(default)]
-    text: Option<TextLen>,
-    #[serde(borrow, default)]
-    finish_reason: Option<Cow<'a, str>>,
+/// The members of one event the meter reads.
+#[derive(Default)]
+struct EventView<'a> {
+    kind: Option<Cow<'a, str>>,
+    model: Option<Cow<'a, str>>,
+    usage: Option<WireUsage>,
+    message: Option<Inner<'a>>,
+    response: Option<Inner<'a>>,
+    /// How many choices the event has, and whether one of them finished;
+    /// `None` when it has no `choices` member.
+    choices: Option<(usize, bool)>,
+    /// The bytes of the text its deltas carry.
+    text_bytes: u64,
+}
+
+/// Reads an event's data, walking it once (see [`walk`]): `None` when it
+/// is not JSON, or a member the meter reads has the wrong type.
+fn read_event(data: &[u8]) -> Option<EventView<'_>> {
+    Walker::document(data, |w| {
+        let mut ev = EventView::default();
+        // serde refuses a member it reads twice; so does this.
+        let mut seen = Once::default();
+        w.object(|w, key| {
+            match &*key.name() {
+                b"type" => ev.kind = seen.first(0).and_then(|()| w.opt_str())?,
+                b"model" => ev.model = seen.first(1).and_then(|()| w.opt_str())?,
+                b"usage" => ev.usage = seen.first(2).and_then(|()| typed(w))?,
+                b"message" => ev.message = seen.first(3).and_then(|()| typed(w))?,
+                b"response" => ev.response = seen.first(4).and_then(|()| typed(w))?,
+                b"delta" => ev.text_bytes += seen.first(5).and_then(|()| w.text_len())?,
+                b"choices" if seen.first(6).and_then(|()| w.null())? => ev.choices = None,
+                b"choices" => {
+                    let (mut n, mut finished) = (0, false);
+                    w.array(|w| {
+                        n += 1;
+                        let mut seen = Once::default();
+                        w.object(|w, key| {
+                            match &*key.name() {
+                                b"delta" => {
+                                    ev.text_bytes += seen.first(0).and_then(|()| w.text_len())?
+                                }
+                                b"text" => {
+                                    ev.text_bytes += seen.first(1).and_then(|()| w.text_len())?
+                                }
+                                b"finish_reason" => {
+                                    finished |= seen.first(2).and_then(|()| w.opt_str())?.is_some();
+                                }
+                                _ => drop(w.skip()?),
+                            }
+                            Ok(())
+                        })
+                    })?;
+                    ev.choices = Some((n, finished));
+                }
+                _ => drop(w.skip()?),
+            }
+            Ok(())
+        })?;
+        Ok(ev)
+    })
+    .ok()
+}
+
+/// Which of a reader's members it has met.
+#[derive(Default)]
+struct Once(u16);
+
+impl Once {
+    fn first(&mut self, member: u8) -> Walked<()> {
+        let bit = 1 << member;
+        if self.0 & bit != 0 {
+            return Err(Bad);
+        }
+        self.0 |= bit;
+        Ok(())
+    }
+}
+
+/// A member the meter reads whole (the usage, Anthropic's `message`, the
+/// Responses `response`): `null`, or the value read by serde.
+fn typed<'a, T: Deserialize<'a>>(w: &mut Walker<'a>) -> Walked<Option<T>> {
+    if w.null()? {
+        return Ok(None);
+    }
+    serde_json::from_slice(w.skip()?).map(Some).map_err(|_| Bad)
 }
 
 /// Reads one event into `seen`; with `rewriting`, also says what to do with it.
@@ -935,15 +995,12 @@ fn on_event(
     if data == b"[DONE]" {
         return EventUse::Keep;
     }
-    let Ok(ev) = serde_json::from_slice::<EventWire<'_>>(data) else {
+    let Some(ev) = read_event(data) else {
         return EventUse::Keep;
     };
     let kind: &[u8] = ev.kind.as_deref().map_or(event_type, str::as_bytes);
-    let choices = ev.choices.as_deref().unwrap_or(&[]);
-    seen.text_bytes += ev.delta.as_ref().map_or(0, |d| d.0);
-    for c in choices {
-        seen.text_bytes += c.delta.as_ref().map_or(0, |d| d.0) + c.text.as_ref().map_or(0, |d| d.0);
-    }
+    let (choices, finished) = ev.choices.unwrap_or((0, false));
+    seen.text_bytes += ev.text_bytes;
     let model = ev
         .model
         .as_deref()
@@ -957,9 +1014,7 @@ fn on_event(
     if let Some(u) = &ev.usage {
         let final_chunk = match family {
             Family::Anthropic => kind == b"message_delta",
-            Family::OpenAi | Family::Azure => {
-                choices.is_empty() || choices.iter().any(|c| c.finish_reason.is_some())
-            }
+            Family::OpenAi | Family::Azure => choices == 0 || finished,
         };
         seen.observed.observe(u, final_chunk);
     }
@@ -976,8 +1031,8 @@ fn on_event(
     if !rewriting {
         return EventUse::Keep;
     }
-    match (&ev.usage, &ev.choices) {
-        (Some(_), Some(c)) if c.is_empty() => EventUse::UsageOnly,
+    match (&ev.usage, ev.choices) {
+        (Some(_), Some((0, _))) => EventUse::UsageOnly,
         (None, Some(_)) => match null_usage_span(data) {
             Some((a, b)) => EventUse::NullUsage(a, b),
             None => EventUse::Keep,

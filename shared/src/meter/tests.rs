@@ -988,3 +988,179 @@ fn usage_is_published_when_the_answer_ends_before_any_log_phase() {
     stage.log(&mut env, &LogValues::default());
     assert!(state.refused.is_empty(), "{:?}", state.refused);
 }
+
+/// The serde reading `read_event` replaced: the oracle it must agree with.
+#[derive(Deserialize)]
+struct EventWire<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+    #[serde(borrow, default)]
+    message: Option<Inner<'a>>,
+    #[serde(borrow, default)]
+    response: Option<Inner<'a>>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChoiceWire<'a>>>,
+    #[serde(default)]
+    delta: Option<TextLen>,
+}
+
+#[derive(Deserialize)]
+struct ChoiceWire<'a> {
+    #[serde(default)]
+    delta: Option<TextLen>,
+    #[serde(default)]
+    text: Option<TextLen>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+use crate::wire::request::TextLen;
+
+/// What the meter takes from an event, as comparable text.
+fn summary(
+    (kind, model, usage): (Option<&str>, Option<&str>, Option<&WireUsage>),
+    inner: [&Option<Inner<'_>>; 2],
+    choices: Option<(usize, bool)>,
+    text: u64,
+) -> String {
+    let models = inner.map(|i| i.as_ref().and_then(|i| i.model.as_deref()));
+    let usages = inner.map(|i| i.as_ref().and_then(|i| i.usage.as_ref()));
+    format!("{kind:?} {model:?} {usage:?} {models:?} {usages:?} {choices:?} {text}")
+}
+
+fn walked(data: &[u8]) -> Option<String> {
+    let ev = read_event(data)?;
+    Some(summary(
+        (ev.kind.as_deref(), ev.model.as_deref(), ev.usage.as_ref()),
+        [&ev.message, &ev.response],
+        ev.choices,
+        ev.text_bytes,
+    ))
+}
+
+fn by_serde(data: &[u8]) -> Option<String> {
+    let ev = serde_json::from_slice::<EventWire<'_>>(data).ok()?;
+    let choices = ev
+        .choices
+        .as_ref()
+        .map(|c| (c.len(), c.iter().any(|c| c.finish_reason.is_some())));
+    let len = |t: &Option<TextLen>| t.as_ref().map_or(0, |d| d.0);
+    let text = len(&ev.delta)
+        + ev.choices
+            .iter()
+            .flatten()
+            .map(|c| len(&c.delta) + len(&c.text))
+            .sum::<u64>();
+    Some(summary(
+        (ev.kind.as_deref(), ev.model.as_deref(), ev.usage.as_ref()),
+        [&ev.message, &ev.response],
+        choices,
+        text,
+    ))
+}
+
+#[test]
+fn events_are_read_as_serde_read_them() {
+    for data in [
+        r#"{"id":"c","object":"chat.completion.chunk","created":1,"model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":"w0 "},"finish_reason":null}],"usage":null}"#,
+        r#"{"choices":[],"usage":{"prompt_tokens":200,"completion_tokens":5,"total_tokens":205,"prompt_tokens_details":{"cached_tokens":3}}}"#,
+        r#"{"choices":[{"index":0,"text":"a\nb\u00e9","finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":2}}"#,
+        r#"{"type":"message_start","message":{"id":"m","model":"claude-sonnet-4-5","usage":{"input_tokens":10,"output_tokens":1}}}"#,
+        r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hi there"}}"#,
+        r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#,
+        r#"{"type":"response.completed","response":{"model":"gpt-4o","output":[{"content":[{"text":"long"}]}],"usage":{"input_tokens":3,"output_tokens":4,"output_tokens_details":{"reasoning_tokens":1}}}}"#,
+        r#"{"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\"a\":1}"}}]}}]}"#,
+        r#"{"\u006dodel":"m\u00e9","choices":null,"delta":null}"#,
+        r#"{"model":7}"#,
+        r#"{"usage":{"prompt_tokens":"x"}}"#,
+        r#"{"choices":{}}"#,
+        r#"{"choices":[{"finish_reason":1}]}"#,
+        r#"{"model":"m","choices":[]} trailing"#,
+        r#"{"model":"m""#,
+        "{}",
+    ] {
+        assert_eq!(walked(data.as_bytes()), by_serde(data.as_bytes()), "{data}");
+    }
+}
+
+/// Events built from the members the meter reads and some it does not,
+/// each value of the right type, of a wrong one or broken.
+fn event() -> impl Strategy<Value = Vec<u8>> {
+    let text = prop_oneof![
+        Just(r#""w0 ""#.to_string()),
+        Just(r#""a\n\u00e9\ud83d\ude00""#.to_string()),
+        Just(r#"{"content":"x","role":"assistant","refusal":null}"#.to_string()),
+        Just(r#"[{"text":"ab"},"c",3]"#.to_string()),
+        Just("null".to_string()),
+        Just("12".to_string()),
+    ];
+    let choice = (
+        text.clone(),
+        text.clone(),
+        prop_oneof![Just("null"), Just(r#""stop""#), Just("1")],
+    )
+        .prop_map(|(d, t, f)| {
+            format!(r#"{{"index":0,"delta":{d},"text":{t},"finish_reason":{f}}}"#)
+        });
+    let usage = prop_oneof![
+        Just("null"),
+        Just(r#"{"prompt_tokens":2,"completion_tokens":3}"#),
+        Just(r#"{"input_tokens":2,"cache_read_input_tokens":1}"#),
+        Just(r#"{"prompt_tokens":-1}"#),
+        Just("[]"),
+    ];
+    let member = prop_oneof![
+        Just(r#""id":"chatcmpl-1""#.to_string()),
+        prop_oneof![
+            Just(r#""gpt-4o""#),
+            Just("null"),
+            Just("5"),
+            Just(r#""m\u00e9""#)
+        ]
+        .prop_map(|m| format!(r#""model":{m}"#)),
+        prop_oneof![
+            Just(r#""message_delta""#),
+            Just(r#""response.completed""#),
+            Just("null")
+        ]
+        .prop_map(|k| format!(r#""type":{k}"#)),
+        usage.clone().prop_map(|u| format!(r#""usage":{u}"#)),
+        usage
+            .clone()
+            .prop_map(|u| format!(r#""message":{{"model":"claude","usage":{u}}}"#)),
+        usage.prop_map(|u| format!(r#""response":{{"usage":{u},"output":[]}}"#)),
+        prop::collection::vec(choice, 0..3).prop_map(|c| format!(r#""choices":[{}]"#, c.join(","))),
+        Just(r#""choices":null"#.to_string()),
+        text.prop_map(|t| format!(r#""delta":{t}"#)),
+        Just(r#""system_fingerprint":"fp_1","created":17e2"#.to_string()),
+    ];
+    (
+        prop::collection::vec(member, 0..6),
+        any::<u8>(),
+        any::<usize>(),
+    )
+        .prop_map(|(m, b, at)| {
+            let mut doc = format!("{{{}}}", m.join(",")).into_bytes();
+            // One event in four is broken: a byte changed or the rest cut off.
+            match b % 8 {
+                0 => doc.truncate(at % doc.len()),
+                1 => {
+                    let i = at % doc.len();
+                    doc[i] = b"{}[],:\"\\x0"[usize::from(b / 8) % 10];
+                }
+                _ => {}
+            }
+            doc
+        })
+}
+
+proptest! {
+    #[test]
+    fn any_event_is_read_as_serde_reads_it(data in event()) {
+        prop_assert_eq!(walked(&data), by_serde(&data), "{}", String::from_utf8_lossy(&data));
+    }
+}

@@ -136,7 +136,7 @@ pub(crate) struct TextLen(pub u64);
 /// without allocating it (serde's `Cow<str>` would own every key it reads).
 struct TextKey(bool);
 
-fn is_text_key(key: &str) -> bool {
+pub(crate) fn is_text_key(key: &str) -> bool {
     matches!(
         key,
         "content"
