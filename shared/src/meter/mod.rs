@@ -921,35 +921,18 @@ fn read_event(data: &[u8]) -> Option<EventView<'_>> {
         let mut seen = Once::default();
         w.object(|w, key| {
             match &*key.name() {
-                b"type" => ev.kind = seen.first(0).and_then(|()| w.opt_str())?,
-                b"model" => ev.model = seen.first(1).and_then(|()| w.opt_str())?,
-                b"usage" => ev.usage = seen.first(2).and_then(|()| typed(w))?,
-                b"message" => ev.message = seen.first(3).and_then(|()| typed(w))?,
-                b"response" => ev.response = seen.first(4).and_then(|()| typed(w))?,
-                b"delta" => ev.text_bytes += seen.first(5).and_then(|()| w.text_len())?,
-                b"choices" if seen.first(6).and_then(|()| w.null())? => ev.choices = None,
+                b"type" => ev.kind = seen.first(0).and(w.opt_str())?,
+                b"model" => ev.model = seen.first(1).and(w.opt_str())?,
+                b"usage" => ev.usage = seen.first(2).and(typed(w))?,
+                b"message" => ev.message = seen.first(3).and(typed(w))?,
+                b"response" => ev.response = seen.first(4).and(typed(w))?,
+                b"delta" => ev.text_bytes += seen.first(5).and(w.text_len())?,
                 b"choices" => {
-                    let (mut n, mut finished) = (0, false);
-                    w.array(|w| {
-                        n += 1;
-                        let mut seen = Once::default();
-                        w.object(|w, key| {
-                            match &*key.name() {
-                                b"delta" => {
-                                    ev.text_bytes += seen.first(0).and_then(|()| w.text_len())?
-                                }
-                                b"text" => {
-                                    ev.text_bytes += seen.first(1).and_then(|()| w.text_len())?
-                                }
-                                b"finish_reason" => {
-                                    finished |= seen.first(2).and_then(|()| w.opt_str())?.is_some();
-                                }
-                                _ => drop(w.skip()?),
-                            }
-                            Ok(())
-                        })
-                    })?;
-                    ev.choices = Some((n, finished));
+                    seen.first(6)?;
+                    ev.choices = match w.null()? {
+                        true => None,
+                        false => Some(choices(w, &mut ev.text_bytes)?),
+                    };
                 }
                 _ => drop(w.skip()?),
             }
@@ -958,6 +941,26 @@ fn read_event(data: &[u8]) -> Option<EventView<'_>> {
         Ok(ev)
     })
     .ok()
+}
+
+/// An event's `choices`: how many, and whether one finished; the bytes of
+/// their text go to `text_bytes`.
+fn choices(w: &mut Walker<'_>, text_bytes: &mut u64) -> Walked<(usize, bool)> {
+    let (mut n, mut finished) = (0, false);
+    w.array(|w| {
+        n += 1;
+        let mut seen = Once::default();
+        w.object(|w, key| {
+            match &*key.name() {
+                b"delta" => *text_bytes += seen.first(0).and(w.text_len())?,
+                b"text" => *text_bytes += seen.first(1).and(w.text_len())?,
+                b"finish_reason" => finished |= seen.first(2).and(w.opt_str())?.is_some(),
+                _ => drop(w.skip()?),
+            }
+            Ok(())
+        })
+    })?;
+    Ok((n, finished))
 }
 
 /// Which of a reader's members it has met.
