@@ -920,7 +920,7 @@ fn read_event(data: &[u8]) -> Option<EventView<'_>> {
         // serde refuses a member it reads twice; so does this.
         let mut seen = Once::default();
         w.object(|w, key| {
-            match &*key.name() {
+            match &*key.name()? {
                 b"type" => ev.kind = seen.first(0).and(w.opt_str())?,
                 b"model" => ev.model = seen.first(1).and(w.opt_str())?,
                 b"usage" => ev.usage = seen.first(2).and(typed(w))?,
@@ -951,7 +951,7 @@ fn choices(w: &mut Walker<'_>, text_bytes: &mut u64) -> Walked<(usize, bool)> {
         n += 1;
         let mut seen = Once::default();
         w.object(|w, key| {
-            match &*key.name() {
+            match &*key.name()? {
                 b"delta" => *text_bytes += seen.first(0).and(w.text_len())?,
                 b"text" => *text_bytes += seen.first(1).and(w.text_len())?,
                 b"finish_reason" => finished |= seen.first(2).and(w.opt_str())?.is_some(),

@@ -21,6 +21,7 @@ use super::text::{self, Normalized};
 use super::{Direction, Screen, Tally};
 use crate::wire::api::{Family, Operation};
 use crate::wire::sse::{self, Item};
+use crate::wire::walk::{Bad, Walked, Walker};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -359,23 +360,23 @@ impl SseScreen {
         out: &mut Vec<u8>,
         tally: &mut Tally,
     ) {
-        let Ok(chunk) = serde_json::from_slice::<ChunkWire<'_>>(data) else {
+        let Some(choices) = read_chunk(data) else {
             out.extend_from_slice(raw);
             return;
         };
         let chat = self.shape == Shape::OpenAiChat;
         let mut texts: Vec<Option<String>> = Vec::new();
         let mut differs = false;
-        for c in chunk.choices.iter().flatten() {
+        for c in &choices {
             let key = (c.index, 0);
             let original = if chat {
-                c.delta.as_ref().and_then(|d| d.content.as_deref())
+                c.content.as_deref()
             } else {
                 c.text.as_deref()
             };
             let mut text =
                 original.map(|d| self.stream(key, event_type, data).push(screen, d, tally));
-            if c.finish_reason.is_some() {
+            if c.finished {
                 if let Some((s, _, _)) = self.streams.get_mut(&key) {
                     let rest = s.finish(screen, tally);
                     if !rest.is_empty() {
@@ -503,29 +504,89 @@ impl SseScreen {
     }
 }
 
-/// The parts of an OpenAI chunk the screen reads, borrowed.
-#[derive(serde::Deserialize)]
-struct ChunkWire<'a> {
-    #[serde(borrow, default)]
-    choices: Option<Vec<ChoiceWire<'a>>>,
+/// What the screen reads of one choice of an OpenAI chunk, borrowed.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct ChoiceView<'a> {
+    pub(super) index: u64,
+    /// `delta.content` (chat).
+    pub(super) content: Option<Cow<'a, str>>,
+    /// `text` (completions).
+    pub(super) text: Option<Cow<'a, str>>,
+    /// `finish_reason` is there and not null.
+    pub(super) finished: bool,
 }
 
-#[derive(serde::Deserialize)]
-struct ChoiceWire<'a> {
-    #[serde(default)]
-    index: u64,
-    #[serde(borrow, default)]
-    delta: Option<DeltaWire<'a>>,
-    #[serde(borrow, default)]
-    text: Option<Cow<'a, str>>,
-    #[serde(default)]
-    finish_reason: Option<serde::de::IgnoredAny>,
+/// An OpenAI chunk's choices, walked in place (each event of every
+/// streamed answer passes here). A chunk is read as serde reads it into
+/// typed members: `index` a `u64`, `delta` an object or null, the texts
+/// strings or null, no member twice; anything else, or broken JSON, is
+/// no chunk, and the event passes as it came.
+pub(super) fn read_chunk(data: &[u8]) -> Option<Vec<ChoiceView<'_>>> {
+    Walker::document(data, |w| {
+        let mut choices = Vec::new();
+        let mut seen = false;
+        w.object(|w, key| {
+            if *key.name()? != *b"choices" {
+                return w.skip().map(drop);
+            }
+            if std::mem::replace(&mut seen, true) {
+                return Err(Bad);
+            }
+            if w.null()? {
+                return Ok(());
+            }
+            w.array(|w| {
+                choices.push(choice(w)?);
+                Ok(())
+            })
+        })?;
+        Ok(choices)
+    })
+    .ok()
 }
 
-#[derive(serde::Deserialize)]
-struct DeltaWire<'a> {
-    #[serde(borrow, default)]
-    content: Option<Cow<'a, str>>,
+fn choice<'a>(w: &mut Walker<'a>) -> Walked<ChoiceView<'a>> {
+    let mut c = ChoiceView::default();
+    let mut seen = 0u8;
+    let mut first = |bit: u8| match seen & bit {
+        0 => {
+            seen |= bit;
+            Ok(())
+        }
+        _ => Err(Bad),
+    };
+    w.object(|w, key| {
+        match &*key.name()? {
+            b"index" => c.index = first(1).and(w.u64())?,
+            b"text" => c.text = first(2).and(w.opt_str())?,
+            b"finish_reason" => {
+                first(4)?;
+                c.finished = !w.null()?;
+                if c.finished {
+                    w.skip()?;
+                }
+            }
+            b"delta" => {
+                first(8)?;
+                if !w.null()? {
+                    let mut once = false;
+                    w.object(|w, key| {
+                        if *key.name()? != *b"content" {
+                            return w.skip().map(drop);
+                        }
+                        if std::mem::replace(&mut once, true) {
+                            return Err(Bad);
+                        }
+                        c.content = w.opt_str()?;
+                        Ok(())
+                    })?;
+                }
+            }
+            _ => drop(w.skip()?),
+        }
+        Ok(())
+    })?;
+    Ok(c)
 }
 
 fn write_event(out: &mut Vec<u8>, event_type: &[u8], v: &Value) {

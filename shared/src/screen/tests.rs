@@ -906,3 +906,128 @@ fn clean_prose_is_released_as_it_comes() {
     assert!(!out.contains("example.com"), "{out:?}");
     assert_eq!(ts.held(), 0);
 }
+
+/// The serde reading `stream::read_chunk` replaced: the oracle it must agree with.
+#[derive(serde::Deserialize)]
+struct ChunkWire<'a> {
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChoiceWire<'a>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChoiceWire<'a> {
+    #[serde(default)]
+    index: u64,
+    #[serde(borrow, default)]
+    delta: Option<DeltaWire<'a>>,
+    #[serde(borrow, default)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    finish_reason: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(serde::Deserialize)]
+struct DeltaWire<'a> {
+    #[serde(borrow, default)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
+fn chunk_by_serde(data: &[u8]) -> Option<Vec<stream::ChoiceView<'_>>> {
+    let chunk = serde_json::from_slice::<ChunkWire<'_>>(data).ok()?;
+    let choices = chunk.choices.into_iter().flatten();
+    Some(
+        choices
+            .map(|c| stream::ChoiceView {
+                index: c.index,
+                content: c.delta.and_then(|d| d.content),
+                text: c.text,
+                finished: c.finish_reason.is_some(),
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn chunks_are_read_as_serde_read_them() {
+    for data in [
+        r#"{"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,"delta":{"role":"assistant","content":"w0 "},"finish_reason":null}],"usage":null}"#,
+        r#"{"choices":[{"index":1,"text":"a\nb\u00e9","finish_reason":"stop"}]}"#,
+        r#"{"choices":[{"index":"0","delta":{"content":"x"}}]}"#,
+        r#"{"choices":[{"index":-0,"delta":{"content":"x"}}]}"#,
+        r#"{"choices":[{"delta":{"content":"a","content":"b"}}]}"#,
+        r#"{"choices":[{"delta":"x"}]}"#,
+        r#"{"choices":[{"finish_reason":{"a":[1]}}]}"#,
+        r#"{"choices":null,"\u0063hoices":[]}"#,
+        r#"{"\ud800":1}"#,
+        r#"{"choices":[]} x"#,
+        "{}",
+    ] {
+        assert_eq!(
+            stream::read_chunk(data.as_bytes()),
+            chunk_by_serde(data.as_bytes()),
+            "{data}"
+        );
+    }
+}
+
+/// Chunks built from the members the screen reads and some it does not,
+/// each value of the right type, of a wrong one or broken.
+fn chunk() -> impl Strategy<Value = Vec<u8>> {
+    let index = prop_oneof![
+        Just("0"),
+        Just("2"),
+        Just(r#""0""#),
+        Just("1.5"),
+        Just("-1"),
+        Just("null"),
+        Just("18446744073709551616")
+    ];
+    let text = prop_oneof![
+        Just(r#""w0 ""#),
+        Just(r#""a\n\u00e9\ud83d\ude00""#),
+        Just(r#""\ud800""#),
+        Just("null"),
+        Just("3"),
+    ];
+    let delta = prop_oneof![
+        Just("null".to_string()),
+        Just(r#""d""#.to_string()),
+        text.clone()
+            .prop_map(|t| format!(r#"{{"role":"assistant","content":{t}}}"#)),
+        Just(r#"{"content":"a","content":"b"}"#.to_string()),
+        Just(r#"{"tool_calls":[{"index":0}]}"#.to_string()),
+    ];
+    let finish = prop_oneof![Just("null"), Just(r#""stop""#), Just("1"), Just("{}")];
+    let member = prop_oneof![
+        index.prop_map(|i| format!(r#""index":{i}"#)),
+        delta.prop_map(|d| format!(r#""delta":{d}"#)),
+        text.prop_map(|t| format!(r#""text":{t}"#)),
+        finish.prop_map(|f| format!(r#""finish_reason":{f}"#)),
+        Just(r#""logprobs":null"#.to_string()),
+    ];
+    let choice = prop::collection::vec(member, 0..5).prop_map(|m| format!("{{{}}}", m.join(",")));
+    let top = prop_oneof![
+        Just(r#""id":"chatcmpl-1""#.to_string()),
+        Just(r#""usage":{"prompt_tokens":1}"#.to_string()),
+        Just(r#""choices":null"#.to_string()),
+        Just(r#""choices":{}"#.to_string()),
+        prop::collection::vec(choice, 0..3).prop_map(|c| format!(r#""choices":[{}]"#, c.join(","))),
+    ];
+    (
+        prop::collection::vec(top, 0..4),
+        any::<u8>(),
+        any::<usize>(),
+    )
+        .prop_map(|(m, b, at)| crate::wire::walk::object_sometimes_broken(&m, b, at))
+}
+
+proptest! {
+    #[test]
+    fn any_chunk_is_read_as_serde_reads_it(data in chunk()) {
+        prop_assert_eq!(
+            stream::read_chunk(&data),
+            chunk_by_serde(&data),
+            "{}", String::from_utf8_lossy(&data)
+        );
+    }
+}
