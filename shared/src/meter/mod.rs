@@ -32,7 +32,7 @@ use crate::wire::json_scan::TopLevel;
 use crate::wire::request::{self, RequestFacts};
 use crate::wire::sse::{self, Item};
 use crate::wire::usage::{estimate_tokens, Observed, Usage, UsageSource, WireUsage};
-use crate::wire::walk::{Bad, Walked, Walker};
+use crate::wire::walk::{Bad, Once, Walked, Walker};
 use access_log::Line;
 use price::{PriceConfig, Prices};
 use serde::Deserialize;
@@ -961,21 +961,6 @@ fn choices(w: &mut Walker<'_>, text_bytes: &mut u64) -> Walked<(usize, bool)> {
         })
     })?;
     Ok((n, finished))
-}
-
-/// Which of a reader's members it has met.
-#[derive(Default)]
-struct Once(u16);
-
-impl Once {
-    fn first(&mut self, member: u8) -> Walked<()> {
-        let bit = 1 << member;
-        if self.0 & bit != 0 {
-            return Err(Bad);
-        }
-        self.0 |= bit;
-        Ok(())
-    }
 }
 
 /// A member the meter reads whole (the usage, Anthropic's `message`, the

@@ -21,7 +21,7 @@ use super::text::{self, Normalized};
 use super::{Direction, Screen, Tally};
 use crate::wire::api::{Family, Operation};
 use crate::wire::sse::{self, Item};
-use crate::wire::walk::{Bad, Walked, Walker};
+use crate::wire::walk::{Once, Walked, Walker};
 use serde_json::Value;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -524,14 +524,12 @@ pub(super) struct ChoiceView<'a> {
 pub(super) fn read_chunk(data: &[u8]) -> Option<Vec<ChoiceView<'_>>> {
     Walker::document(data, |w| {
         let mut choices = Vec::new();
-        let mut seen = false;
+        let mut seen = Once::default();
         w.object(|w, key| {
             if *key.name()? != *b"choices" {
                 return w.skip().map(drop);
             }
-            if std::mem::replace(&mut seen, true) {
-                return Err(Bad);
-            }
+            seen.first(0)?;
             if w.null()? {
                 return Ok(());
             }
@@ -547,37 +545,27 @@ pub(super) fn read_chunk(data: &[u8]) -> Option<Vec<ChoiceView<'_>>> {
 
 fn choice<'a>(w: &mut Walker<'a>) -> Walked<ChoiceView<'a>> {
     let mut c = ChoiceView::default();
-    let mut seen = 0u8;
-    let mut first = |bit: u8| match seen & bit {
-        0 => {
-            seen |= bit;
-            Ok(())
-        }
-        _ => Err(Bad),
-    };
+    let mut seen = Once::default();
     w.object(|w, key| {
         match &*key.name()? {
-            b"index" => c.index = first(1).and(w.u64())?,
-            b"text" => c.text = first(2).and(w.opt_str())?,
+            b"index" => c.index = seen.first(0).and(w.u64())?,
+            b"text" => c.text = seen.first(1).and(w.opt_str())?,
             b"finish_reason" => {
-                first(4)?;
+                seen.first(2)?;
                 c.finished = !w.null()?;
                 if c.finished {
                     w.skip()?;
                 }
             }
             b"delta" => {
-                first(8)?;
+                seen.first(3)?;
                 if !w.null()? {
-                    let mut once = false;
+                    let mut once = Once::default();
                     w.object(|w, key| {
                         if *key.name()? != *b"content" {
                             return w.skip().map(drop);
                         }
-                        if std::mem::replace(&mut once, true) {
-                            return Err(Bad);
-                        }
-                        c.content = w.opt_str()?;
+                        c.content = once.first(0).and(w.opt_str())?;
                         Ok(())
                     })?;
                 }

@@ -342,6 +342,23 @@ impl<'a> Walker<'a> {
     }
 }
 
+/// Which of a reader's members it has met: serde refuses a member of a
+/// struct written twice, and a reader refuses it with this.
+#[derive(Default)]
+pub struct Once(u16);
+
+impl Once {
+    /// `member` (a number below 16) is met; refused the second time.
+    pub fn first(&mut self, member: u8) -> Walked<()> {
+        let bit = 1 << member;
+        if self.0 & bit != 0 {
+            return Err(Bad);
+        }
+        self.0 |= bit;
+        Ok(())
+    }
+}
+
 /// The digits of an integer that fits a `u64`, as its number.
 fn uint(n: &[u8]) -> Option<u64> {
     if !n.iter().all(u8::is_ascii_digit) {
