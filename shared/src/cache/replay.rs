@@ -191,18 +191,14 @@ impl Assembler {
                     self.failed = true;
                     return;
                 };
-                let append = |block: &mut Value, field: &str, part: Option<&str>| match part {
-                    Some(part) => {
-                        let so_far = block.get(field).and_then(Value::as_str).unwrap_or("");
-                        let joined = Value::String(format!("{so_far}{part}"));
-                        set(block, field, joined)
-                    }
+                let add = |block: &mut Value, field: &str, part: Option<&str>| match part {
+                    Some(part) => append(block, field, part),
                     None => true,
                 };
                 let ok = match d.get("type").and_then(Value::as_str) {
-                    Some("text_delta") => append(block, "text", d["text"].as_str()),
-                    Some("thinking_delta") => append(block, "thinking", d["thinking"].as_str()),
-                    Some("signature_delta") => append(block, "signature", d["signature"].as_str()),
+                    Some("text_delta") => add(block, "text", d["text"].as_str()),
+                    Some("thinking_delta") => add(block, "thinking", d["thinking"].as_str()),
+                    Some("signature_delta") => add(block, "signature", d["signature"].as_str()),
                     Some("input_json_delta") => {
                         if let (Some(p), Some(acc)) =
                             (d["partial_json"].as_str(), self.partial_json.get_mut(i))
@@ -358,9 +354,7 @@ fn add_tool_calls(acc: &mut ChoiceAcc, calls: &[Value]) -> bool {
             let func = slot.entry("function").or_insert_with(|| json!({}));
             for k in ["name", "arguments"] {
                 if let Some(part) = f.get(k).and_then(Value::as_str) {
-                    let so_far = func.get(k).and_then(Value::as_str).unwrap_or("");
-                    let joined = format!("{so_far}{part}");
-                    if !set(func, k, Value::String(joined)) {
+                    if !append(func, k, part) {
                         return false;
                     }
                 }
@@ -472,6 +466,20 @@ impl<'de: 'a, 'a> Visitor<'de> for LooseStrVisitor<'a> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(LooseStr(None))
+    }
+}
+
+/// Adds `part` to the text member `k` of the object `v` in place (a member
+/// that is not text starts again from `part`), so a long stream of pieces
+/// costs what its text weighs, not the square of it; `false` if `v` is not
+/// an object.
+fn append(v: &mut Value, k: &str, part: &str) -> bool {
+    match v.get_mut(k) {
+        Some(Value::String(so_far)) => {
+            so_far.push_str(part);
+            true
+        }
+        _ => set(v, k, Value::String(part.to_string())),
     }
 }
 
