@@ -28,6 +28,7 @@
 //! at once, otherwise with the response headers, where a miss may still turn
 //! stale.
 
+mod chunk;
 pub mod key;
 pub mod replay;
 pub mod store;

@@ -11,12 +11,10 @@
 //! `response.created` to `response.completed`. Usage is the original
 //! answer's, so the meter above counts what the hit saved.
 
+use super::chunk;
 use crate::wire::api::Operation;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
-use serde::Deserialize;
+use crate::wire::walk;
 use serde_json::{json, Map, Value};
-use std::borrow::Cow;
-use std::fmt;
 
 /// Assembles a streamed answer as its events pass, without holding them.
 #[derive(Debug)]
@@ -74,17 +72,12 @@ impl Assembler {
             return;
         }
         if matches!(self.op, Operation::Chat | Operation::Completions) {
-            // Read typed and borrowed: a chunk is small and there are many.
-            let object = data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-            let Some(chunk) = object
-                .then(|| serde_json::from_slice::<ChunkWire<'_>>(data).ok())
-                .flatten()
-            else {
+            let Some(chunk) = chunk::read(data) else {
                 // A stream we cannot read whole is not one we replay.
                 self.failed = true;
                 return;
             };
-            let kind = chunk.kind.0.as_deref().map_or(event_type, str::as_bytes);
+            let kind = chunk.kind.as_deref().map_or(event_type, str::as_bytes);
             if chunk.error || kind == b"error" {
                 self.failed = true;
                 return;
@@ -113,20 +106,24 @@ impl Assembler {
         }
     }
 
-    fn openai_chunk(&mut self, chunk: ChunkWire<'_>) {
-        if let Some(u) = chunk.usage.filter(|u| !u.is_null()) {
-            self.usage = Some(u);
+    fn openai_chunk(&mut self, chunk: chunk::ChunkView<'_>) {
+        if let Some(u) = chunk.usage {
+            match serde_json::from_slice(u) {
+                Ok(u) => self.usage = Some(u),
+                Err(_) => {
+                    self.failed = true;
+                    return;
+                }
+            }
         }
-        let head = [
-            ("id", chunk.id),
-            ("created", chunk.created),
-            ("model", chunk.model),
-            ("system_fingerprint", chunk.system_fingerprint),
-        ];
-        for (k, x) in head {
-            if let Some(x) = x.filter(|x| !x.is_null()) {
-                if !self.head.contains_key(k) {
-                    self.head.insert(k.to_string(), x);
+        for (k, x) in chunk::HEAD.into_iter().zip(chunk.head) {
+            if let Some(x) = x.filter(|_| !self.head.contains_key(k)) {
+                match serde_json::from_slice(x) {
+                    Ok(x) => drop(self.head.insert(k.to_string(), x)),
+                    Err(_) => {
+                        self.failed = true;
+                        return;
+                    }
                 }
             }
         }
@@ -134,7 +131,7 @@ impl Assembler {
             return;
         };
         for c in choices {
-            let index = c.index.as_ref().and_then(Value::as_u64).unwrap_or(0) as usize;
+            let index = c.index.and_then(walk::uint).unwrap_or(0) as usize;
             if index > 64 {
                 self.failed = true;
                 return;
@@ -143,24 +140,33 @@ impl Assembler {
                 self.choices.push(ChoiceAcc::default());
             }
             let acc = &mut self.choices[index];
-            if let Some(f) = c.finish_reason.filter(|f| !f.is_null()) {
-                acc.finish_reason = Some(f);
+            if let Some(f) = c.finish_reason {
+                match serde_json::from_slice(f) {
+                    Ok(f) => acc.finish_reason = Some(f),
+                    Err(_) => {
+                        self.failed = true;
+                        return;
+                    }
+                }
             }
-            if let Some(t) = &c.text.0 {
+            if let Some(t) = &c.text {
                 acc.text.push_str(t);
             }
             let Some(d) = c.delta else { continue };
-            if let Some(r) = d.role.0 {
+            if let Some(r) = d.role {
                 acc.role = Some(r.into_owned());
             }
-            if let Some(t) = &d.content.0 {
+            if let Some(t) = &d.content {
                 acc.content.get_or_insert_with(String::new).push_str(t);
             }
-            if let Some(t) = &d.refusal.0 {
+            if let Some(t) = &d.refusal {
                 acc.refusal.get_or_insert_with(String::new).push_str(t);
             }
-            if let Some(Value::Array(calls)) = &d.tool_calls {
-                if !add_tool_calls(acc, calls) {
+            let calls = d.tool_calls.filter(|t| t.first() == Some(&b'['));
+            if let Some(calls) = calls {
+                let ok = serde_json::from_slice::<Vec<Value>>(calls)
+                    .is_ok_and(|calls| add_tool_calls(acc, &calls));
+                if !ok {
                     self.failed = true;
                     return;
                 }
@@ -362,111 +368,6 @@ fn add_tool_calls(acc: &mut ChoiceAcc, calls: &[Value]) -> bool {
         }
     }
     true
-}
-
-/// The members of an OpenAI chat or completions chunk the assembler keeps,
-/// borrowed where they are text. Members whose type varies between
-/// providers stay JSON values.
-#[derive(Deserialize)]
-struct ChunkWire<'a> {
-    #[serde(rename = "type", borrow, default)]
-    kind: LooseStr<'a>,
-    #[serde(default, deserialize_with = "present")]
-    error: bool,
-    #[serde(default)]
-    usage: Option<Value>,
-    #[serde(default)]
-    id: Option<Value>,
-    #[serde(default)]
-    created: Option<Value>,
-    #[serde(default)]
-    model: Option<Value>,
-    #[serde(default)]
-    system_fingerprint: Option<Value>,
-    #[serde(borrow, default)]
-    choices: Option<Vec<ChoiceWire<'a>>>,
-}
-
-#[derive(Deserialize)]
-struct ChoiceWire<'a> {
-    #[serde(default)]
-    index: Option<Value>,
-    #[serde(default)]
-    finish_reason: Option<Value>,
-    #[serde(borrow, default)]
-    text: LooseStr<'a>,
-    #[serde(borrow, default)]
-    delta: Option<DeltaWire<'a>>,
-}
-
-#[derive(Deserialize)]
-struct DeltaWire<'a> {
-    #[serde(borrow, default)]
-    role: LooseStr<'a>,
-    #[serde(borrow, default)]
-    content: LooseStr<'a>,
-    #[serde(borrow, default)]
-    refusal: LooseStr<'a>,
-    #[serde(default)]
-    tool_calls: Option<Value>,
-}
-
-/// A member that is there, whatever its value (`"error": null` included).
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    IgnoredAny::deserialize(d).map(|_| true)
-}
-
-/// A string, borrowed when it has no escapes; any other value reads as
-/// none, as `Value::as_str` would have it.
-#[derive(Default)]
-struct LooseStr<'a>(Option<Cow<'a, str>>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for LooseStr<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(LooseStrVisitor(std::marker::PhantomData))
-    }
-}
-
-struct LooseStrVisitor<'a>(std::marker::PhantomData<&'a ()>);
-
-impl<'de: 'a, 'a> Visitor<'de> for LooseStrVisitor<'a> {
-    type Value = LooseStr<'a>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(LooseStr(Some(Cow::Borrowed(v))))
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(LooseStr(Some(Cow::Owned(v.to_string()))))
-    }
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-        Ok(LooseStr(Some(Cow::Owned(v))))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(LooseStr(None))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(LooseStr(None))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(LooseStr(None))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(LooseStr(None))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(LooseStr(None))
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(LooseStr(None))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(LooseStr(None))
-    }
 }
 
 /// Adds `part` to the text member `k` of the object `v` in place (a member
@@ -991,6 +892,8 @@ mod tests {
             "data: {\"type\":\"error\"}\n\n",
             "data: []\n\n",
             "data: \"x\"\n\n",
+            "data: {\"choices\":[{\"index\":0,\"finish_reason\":1e400}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":1e400}]}}]}\n\n",
         ] {
             let stream = format!("{s}{bad}");
             let mut a = Assembler::new(Operation::Chat);
@@ -999,6 +902,13 @@ mod tests {
             }
             assert!(a.failed(), "{bad}");
         }
+        // A member that is not kept (the head is the first chunk's) is only
+        // checked as JSON, not made a value.
+        let later = s.replace(
+            "data: [DONE]",
+            "data: {\"id\":1e400,\"choices\":[]}\n\ndata: [DONE]",
+        );
+        assert_eq!(assemble(Operation::Chat, later.as_bytes()), Some(answer));
     }
 
     #[test]

@@ -247,6 +247,11 @@ impl<'a> Walker<'a> {
         }
     }
 
+    /// Whether the next value is a string.
+    pub fn is_str(&mut self) -> bool {
+        self.peek() == Some(b'"')
+    }
+
     /// `null` or a string.
     pub fn opt_str(&mut self) -> Walked<Option<Cow<'a, str>>> {
         if self.null()? {
@@ -359,8 +364,9 @@ impl Once {
     }
 }
 
-/// The digits of an integer that fits a `u64`, as its number.
-fn uint(n: &[u8]) -> Option<u64> {
+/// The digits of an integer that fits a `u64`, as its number: a value's
+/// bytes read as `Value::as_u64` reads them (none for any other value).
+pub fn uint(n: &[u8]) -> Option<u64> {
     if !n.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -377,10 +383,26 @@ fn unescape(raw: &[u8]) -> Walked<String> {
     serde_json::from_slice(&quoted).map_err(|_| Bad)
 }
 
-/// For the readers' oracle tests: an object of `members`, one in four
-/// broken, a byte changed or the rest cut off (`b` and `at` choose how).
+/// For the readers' oracle tests: objects of fewer than `most` members
+/// drawn from `member`, one in four broken.
 #[cfg(test)]
-pub(crate) fn object_sometimes_broken(members: &[String], b: u8, at: usize) -> Vec<u8> {
+pub(crate) fn objects_sometimes_broken(
+    member: impl proptest::strategy::Strategy<Value = String>,
+    most: usize,
+) -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    (
+        prop::collection::vec(member, 0..most),
+        any::<u8>(),
+        any::<usize>(),
+    )
+        .prop_map(|(m, b, at)| object_sometimes_broken(&m, b, at))
+}
+
+/// An object of `members`, one in four broken, a byte changed or the rest
+/// cut off (`b` and `at` choose how).
+#[cfg(test)]
+fn object_sometimes_broken(members: &[String], b: u8, at: usize) -> Vec<u8> {
     let mut doc = format!("{{{}}}", members.join(",")).into_bytes();
     match b % 8 {
         0 => doc.truncate(at % doc.len()),
