@@ -82,7 +82,9 @@ impl Assembler {
                 self.failed = true;
                 return;
             }
-            self.openai_chunk(chunk);
+            if self.openai_chunk(chunk).is_none() {
+                self.failed = true;
+            }
             return;
         }
         let Ok(Value::Object(v)) = serde_json::from_slice::<Value>(data) else {
@@ -106,48 +108,30 @@ impl Assembler {
         }
     }
 
-    fn openai_chunk(&mut self, chunk: chunk::ChunkView<'_>) {
+    /// Adds one chunk; `None` when it is not one the answer can be built
+    /// from (a kept member that is not a JSON value, an index past 64, odd
+    /// tool calls).
+    fn openai_chunk(&mut self, chunk: chunk::ChunkView<'_>) -> Option<()> {
+        let value = |bytes: &[u8]| serde_json::from_slice::<Value>(bytes).ok();
         if let Some(u) = chunk.usage {
-            match serde_json::from_slice(u) {
-                Ok(u) => self.usage = Some(u),
-                Err(_) => {
-                    self.failed = true;
-                    return;
-                }
-            }
+            self.usage = Some(value(u)?);
         }
         for (k, x) in chunk::HEAD.into_iter().zip(chunk.head) {
             if let Some(x) = x.filter(|_| !self.head.contains_key(k)) {
-                match serde_json::from_slice(x) {
-                    Ok(x) => drop(self.head.insert(k.to_string(), x)),
-                    Err(_) => {
-                        self.failed = true;
-                        return;
-                    }
-                }
+                self.head.insert(k.to_string(), value(x)?);
             }
         }
-        let Some(choices) = chunk.choices else {
-            return;
-        };
-        for c in choices {
+        for c in chunk.choices.into_iter().flatten() {
             let index = c.index.and_then(walk::uint).unwrap_or(0) as usize;
             if index > 64 {
-                self.failed = true;
-                return;
+                return None;
             }
             while self.choices.len() <= index {
                 self.choices.push(ChoiceAcc::default());
             }
             let acc = &mut self.choices[index];
             if let Some(f) = c.finish_reason {
-                match serde_json::from_slice(f) {
-                    Ok(f) => acc.finish_reason = Some(f),
-                    Err(_) => {
-                        self.failed = true;
-                        return;
-                    }
-                }
+                acc.finish_reason = Some(value(f)?);
             }
             if let Some(t) = &c.text {
                 acc.text.push_str(t);
@@ -162,16 +146,14 @@ impl Assembler {
             if let Some(t) = &d.refusal {
                 acc.refusal.get_or_insert_with(String::new).push_str(t);
             }
-            let calls = d.tool_calls.filter(|t| t.first() == Some(&b'['));
-            if let Some(calls) = calls {
-                let ok = serde_json::from_slice::<Vec<Value>>(calls)
-                    .is_ok_and(|calls| add_tool_calls(acc, &calls));
-                if !ok {
-                    self.failed = true;
-                    return;
+            if let Some(calls) = d.tool_calls.filter(|t| t.first() == Some(&b'[')) {
+                let calls = serde_json::from_slice::<Vec<Value>>(calls).ok()?;
+                if !add_tool_calls(acc, &calls) {
+                    return None;
                 }
             }
         }
+        Some(())
     }
 
     fn anthropic_event(&mut self, kind: &str, v: Map<String, Value>) {
