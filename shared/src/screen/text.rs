@@ -23,15 +23,47 @@ pub struct Normalized<'a> {
     original_len: usize,
 }
 
-/// ASCII with no whitespace but single spaces: one pass, a byte at a time.
+/// ASCII with no whitespace but single spaces. Most prompts are, and a
+/// prompt is read whole on every request, so this runs eight bytes at a
+/// time: a word with no byte of 0x80 or over and none under 0x20 can only
+/// fail on two spaces in a row, found with a mask of its spaces. A word with
+/// either kind of byte is read byte by byte, since only some control bytes
+/// (the whitespace ones) make a text not plain.
 fn plain(s: &str) -> bool {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGH: u64 = ONES << 7;
     let mut space = false;
-    for &c in s.as_bytes() {
-        if c >= 0x80 || matches!(c, b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) || (space && c == b' ') {
+    let mut words = s.as_bytes().chunks_exact(8);
+    for word in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(word);
+        let w = u64::from_le_bytes(b);
+        // `w - 0x20…` borrows into a byte's high bit only below 0x20: the
+        // classic "has a byte less than n", exact in whether any byte is.
+        if (w | (w.wrapping_sub(ONES * 0x20) & !w)) & HIGH != 0 {
+            if !word.iter().all(|&c| plain_byte(c, &mut space)) {
+                return false;
+            }
+            continue;
+        }
+        // The high bit of each byte that is a space (exact, no carries:
+        // each byte's low seven bits plus 0x7f stay within the byte).
+        let x = w ^ (ONES * u64::from(b' '));
+        let spaces = !(((x & !HIGH) + !HIGH) | x) & HIGH;
+        if spaces & ((spaces << 8) | (u64::from(space) << 7)) != 0 {
             return false;
         }
-        space = c == b' ';
+        space = spaces >> 63 != 0;
     }
+    words.remainder().iter().all(|&c| plain_byte(c, &mut space))
+}
+
+/// One byte of [`plain`]; `space` says whether the byte before was a space.
+fn plain_byte(c: u8, space: &mut bool) -> bool {
+    if c >= 0x80 || matches!(c, b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) || (*space && c == b' ') {
+        return false;
+    }
+    *space = c == b' ';
     true
 }
 
@@ -182,6 +214,41 @@ mod tests {
             ("ends  ", false),
         ] {
             assert_eq!(plain(s), is_plain, "{s:?}");
+        }
+    }
+
+    /// The byte-at-a-time definition the word-at-a-time one must agree with.
+    fn plain_bytewise(s: &str) -> bool {
+        let mut space = false;
+        s.bytes().all(|c| plain_byte(c, &mut space))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn plain_reads_words_as_it_reads_bytes(
+            s in proptest::collection::vec(
+                proptest::sample::select(vec!["a", " ", "  ", "\t", "\n", "\r", "\x0b", "\x0c", "\x01", "\x1f", "\x7f", "é", "ｐ", "!", "~"]),
+                0..40,
+            )
+        ) {
+            let s = s.concat();
+            proptest::prop_assert_eq!(plain(&s), plain_bytewise(&s), "{:?}", s);
+        }
+    }
+
+    #[test]
+    fn plain_finds_two_spaces_at_every_offset() {
+        for at in 0..23 {
+            let mut s = "x".repeat(24);
+            assert!(plain(&s));
+            s.replace_range(at..at + 2, "  ");
+            assert!(!plain(&s), "two spaces at {at}");
+            let mut s = "x".repeat(24);
+            s.replace_range(at..at + 1, "\n");
+            assert!(!plain(&s), "a newline at {at}");
+            let mut s = "x ".repeat(12);
+            s.replace_range(at..at + 1, "\x01");
+            assert!(plain(&s), "a control byte that is not whitespace at {at}");
         }
     }
 
