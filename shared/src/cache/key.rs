@@ -76,23 +76,45 @@ pub fn key(ctx: &Context<'_>, body: &serde_json::Map<String, Value>) -> Key {
         out.extend_from_slice(part.as_bytes());
         out.push(b'\n');
     }
-    let mut members: Vec<(&String, &Value)> = body
-        .iter()
-        .filter(|(k, _)| !EXCLUDED.contains(&k.as_str()))
-        .collect();
-    members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let members = body.iter().filter(|(k, _)| !EXCLUDED.contains(&k.as_str()));
+    write_object(&mut out, body, members, &|k| {
+        ctx.fold_whitespace && TEXT_MEMBERS.contains(&k)
+    });
+    Key(*blake3::hash(&out).as_bytes())
+}
+
+/// Writes `members` (of `o`) sorted by their keys' bytes, each value folded
+/// where `fold` says. serde_json's map is a `BTreeMap`, whose order is that
+/// already, unless a feature turns it into an `IndexMap`: one look at the
+/// keys tells, and only a map out of order is collected and sorted.
+fn write_object<'a>(
+    out: &mut Vec<u8>,
+    o: &'a serde_json::Map<String, Value>,
+    members: impl Iterator<Item = (&'a String, &'a Value)>,
+    fold: &dyn Fn(&str) -> bool,
+) {
+    let sorted = o.keys().is_sorted_by(|a, b| a.as_bytes() <= b.as_bytes());
     out.push(b'{');
-    for (i, (k, v)) in members.into_iter().enumerate() {
+    let mut write = |i: usize, k: &str, v: &Value| {
         if i > 0 {
             out.push(b',');
         }
-        write_string(&mut out, k);
+        write_string(out, k);
         out.push(b':');
-        let fold = ctx.fold_whitespace && TEXT_MEMBERS.contains(&k.as_str());
-        write_value(&mut out, v, fold);
+        write_value(out, v, fold(k));
+    };
+    if sorted {
+        for (i, (k, v)) in members.enumerate() {
+            write(i, k, v);
+        }
+    } else {
+        let mut members: Vec<_> = members.collect();
+        members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        for (i, (k, v)) in members.into_iter().enumerate() {
+            write(i, k, v);
+        }
     }
     out.push(b'}');
-    Key(*blake3::hash(&out).as_bytes())
 }
 
 /// Canonical JSON of a value: keys sorted, no whitespace; with `fold`, runs
@@ -120,20 +142,7 @@ fn write_value(out: &mut Vec<u8>, v: &Value, fold: bool) {
             }
             out.push(b']');
         }
-        Value::Object(o) => {
-            let mut members: Vec<(&String, &Value)> = o.iter().collect();
-            members.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (k, x)) in members.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_string(out, k);
-                out.push(b':');
-                write_value(out, x, fold);
-            }
-            out.push(b'}');
-        }
+        Value::Object(o) => write_object(out, o, o.iter(), &|_| fold),
     }
 }
 
