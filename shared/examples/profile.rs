@@ -8,7 +8,9 @@
 //!
 //! `config.json` is a bundle configuration (the `value` of
 //! `envoy/gateway-bundle.yaml`'s wasm filter). Each request is the bench's:
-//! a distinct ~1 KiB chat prompt, answered with a short JSON completion.
+//! a distinct ~1 KiB chat prompt, answered with a short JSON completion
+//! (`stream`: a short stream; `hit`: one prompt, so every request after the
+//! first is a cache hit).
 
 use aigw_shared::bundle::Bundle;
 use aigw_shared::exchange::{no_service, Exchange, Host};
@@ -19,16 +21,19 @@ fn main() -> Result<(), String> {
     let mut args = std::env::args().skip(1);
     let path = args
         .next()
-        .ok_or("usage: profile <config.json> [requests] [stream]")?;
+        .ok_or("usage: profile <config.json> [requests] [stream|hit]")?;
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
-    let stream = args.next().is_some_and(|a| a == "stream");
+    let mode = args.next().unwrap_or_default();
+    let stream = mode == "stream";
+    let hit = mode == "hit";
     let config = std::fs::read(&path).map_err(|e| format!("{path}: {e}"))?;
     let bundle = Rc::new(Bundle::from_config(&config).map_err(|e| e.to_string())?);
     let system = "You are a helpful assistant. ".repeat(20);
     let mut host = Host::default();
     let mut ok = 0;
     for i in 0..n {
-        let user = format!("Summarise the plot of short story number {i} in three sentences.");
+        let story = if hit { 0 } else { i };
+        let user = format!("Summarise the plot of short story number {story} in three sentences.");
         let body = serde_json::json!({
             "model": "gpt-4o",
             "stream": stream,
