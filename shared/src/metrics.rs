@@ -14,6 +14,7 @@
 use crate::boundary::{MetricKind, Metrics};
 use crate::config::ConfigError;
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 
 /// The registry's maps are looked up several times a request, by names of
 /// 30 to 80 bytes: foldhash (hashbrown's default, seeded per process) hashes
@@ -139,8 +140,38 @@ pub struct Registry {
     pending: Option<Map<u32, u64>>,
     /// Where a name is composed for a lookup.
     scratch: String,
+    /// Ids by the pieces their names were made from (kind, base, labels
+    /// as given), so that a series seen before is found by one hash of the
+    /// pieces, without its name being written out and hashed: a request
+    /// through the bundle looks up some fourteen. Only series kept under
+    /// their own name are here, so it holds at most `max_series` entries.
+    seen: Map<u64, Pieces>,
+    pieces_hasher: foldhash::fast::RandomState,
     /// The flush timer's period, for a registry made by [`Registry::flushed_every`].
     period_ms: Option<u64>,
+}
+
+/// What a name in [`Registry::seen`] was made from, to tell it from another
+/// whose pieces hash the same.
+#[derive(Debug)]
+struct Pieces {
+    id: u32,
+    kind: MetricKind,
+    base: Box<str>,
+    labels: Box<[(Box<str>, Box<str>)]>,
+}
+
+impl Pieces {
+    fn are(&self, kind: MetricKind, base: &str, labels: &[(&str, &str)]) -> bool {
+        self.kind == kind
+            && *self.base == *base
+            && self.labels.len() == labels.len()
+            && self
+                .labels
+                .iter()
+                .zip(labels)
+                .all(|((k, v), (k2, v2))| **k == **k2 && **v == **v2)
+    }
 }
 
 /// Labels whose values are free-form and are folded into `other` past the bound.
@@ -155,6 +186,8 @@ impl Registry {
             max_series,
             pending: None,
             scratch: String::new(),
+            seen: Map::default(),
+            pieces_hasher: foldhash::fast::RandomState::default(),
             period_ms: None,
         }
     }
@@ -208,6 +241,36 @@ impl Registry {
         base: &str,
         labels: &[(&str, &str)],
     ) -> Option<u32> {
+        // The same pieces always make the same name, so the same id.
+        let hash = self.pieces_hasher.hash_one((kind, base, labels));
+        if let Some(p) = self.seen.get(&hash) {
+            if p.are(kind, base, labels) {
+                return Some(p.id);
+            }
+        }
+        let (id, own) = self.id_by_name(host, kind, base, labels)?;
+        if own {
+            // A hash already taken (another series' pieces) stays with its
+            // first owner; this one is then found by its name each time.
+            self.seen.entry(hash).or_insert_with(|| Pieces {
+                id,
+                kind,
+                base: base.into(),
+                labels: labels.iter().map(|&(k, v)| (k.into(), v.into())).collect(),
+            });
+        }
+        Some(id)
+    }
+
+    /// The id of a series by its name; and whether the series has that
+    /// name (`false`: past the bound, the one its labels are folded into).
+    fn id_by_name(
+        &mut self,
+        host: &mut dyn Metrics,
+        kind: MetricKind,
+        base: &str,
+        labels: &[(&str, &str)],
+    ) -> Option<(u32, bool)> {
         write_name(&mut self.scratch, base, labels);
         let series = self.counters.len() + self.histograms.len();
         let ids = match kind {
@@ -215,10 +278,11 @@ impl Registry {
             MetricKind::Histogram => &mut self.histograms,
         };
         if let Some(id) = ids.get(self.scratch.as_str()) {
-            return Some(*id);
+            return Some((*id, true));
         }
         let name = self.scratch.clone();
-        let name = if series >= self.max_series {
+        let own = series < self.max_series;
+        let name = if !own {
             let folded: Vec<(&str, &str)> = labels
                 .iter()
                 .map(|&(k, v)| {
@@ -231,7 +295,7 @@ impl Registry {
                 .collect();
             let folded = stat_name(base, &folded);
             if let Some(id) = ids.get(&folded) {
-                return Some(*id);
+                return Some((*id, false));
             }
             folded
         } else {
@@ -239,7 +303,7 @@ impl Registry {
         };
         let id = host.define(kind, &name)?;
         ids.insert(name, id);
-        Some(id)
+        Some((id, own))
     }
 
     pub fn add(&mut self, host: &mut dyn Metrics, base: &str, labels: &[(&str, &str)], value: u64) {
@@ -346,6 +410,60 @@ mod tests {
         assert_eq!(host.counter("t;model=b;token_type=input"), 1);
         assert_eq!(host.counter("t;model=other;token_type=input"), 2);
         assert_eq!(host.counter("t;model=c;token_type=input"), 0);
+    }
+
+    #[test]
+    fn a_series_seen_before_is_the_one_its_name_makes() {
+        let mut host = FakeMetrics::default();
+        let mut reg = Registry::new(8);
+        // Pieces that would spell another series' name, pieces whose names
+        // are made the same, and the same name as a histogram: each step is
+        // taken twice, so the second look goes by the pieces.
+        let steps: &[&[(&str, &str)]] = &[
+            &[("model", "a"), ("consumer", "b")],
+            &[("model", "a;consumer=b")],
+            &[("model", "a;b")],
+            &[("model", "a_b")],
+            &[("model", "")],
+            &[("model", "unknown")],
+        ];
+        for labels in steps {
+            for _ in 0..2 {
+                reg.add(&mut host, "t", labels, 1);
+                reg.record(&mut host, "t", labels, 7);
+            }
+        }
+        assert_eq!(host.counter("t;model=a;consumer=b"), 2);
+        assert_eq!(host.counter("t;model=a_consumer_b"), 2);
+        assert_eq!(host.counter("t;model=a_b"), 4);
+        assert_eq!(host.counter("t;model=unknown"), 4);
+        assert_eq!(reg.counters.len(), 4);
+        assert_eq!(reg.histograms.len(), 4);
+        for labels in steps {
+            let id = reg.id(&mut host, MetricKind::Counter, "t", labels);
+            assert_eq!(
+                id,
+                reg.id_by_name(&mut host, MetricKind::Counter, "t", labels)
+                    .map(|(id, _)| id)
+            );
+            assert_ne!(id, reg.id(&mut host, MetricKind::Histogram, "t", labels));
+        }
+    }
+
+    #[test]
+    fn pieces_past_the_bound_are_not_kept() {
+        let mut host = FakeMetrics::default();
+        let mut reg = Registry::new(3);
+        for i in 0..100 {
+            let model = format!("m{i}");
+            for _ in 0..2 {
+                reg.add(&mut host, "t", &[("model", &model)], 1);
+            }
+        }
+        assert_eq!(host.counter("t;model=m0"), 2);
+        assert_eq!(host.counter("t;model=m2"), 2);
+        assert_eq!(host.counter("t;model=other"), 194);
+        assert_eq!(reg.seen.len(), 3);
     }
 
     #[test]
