@@ -74,7 +74,21 @@ impl TopLevel {
 
     pub fn feed(&mut self, chunk: &[u8]) {
         let mut capture_from = self.capturing.map(|_| 0);
-        for (i, &b) in chunk.iter().enumerate() {
+        let mut i = 0;
+        while i < chunk.len() {
+            if self.in_string && !self.escaped {
+                // Up to the next quote or backslash a string's bytes all
+                // count the same: taken as one run, not byte by byte.
+                let rest = &chunk[i..];
+                let run = memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len());
+                self.string_run(&rest[..run]);
+                i += run;
+                if i == chunk.len() {
+                    break;
+                }
+            }
+            let (at, b) = (i, chunk[i]);
+            i += 1;
             if self.in_string {
                 if self.escaped {
                     self.escaped = false;
@@ -108,7 +122,7 @@ impl TopLevel {
                 if b != b':' {
                     self.capturing = Some(w);
                     self.captures[w] = Some(Vec::new());
-                    capture_from = Some(i);
+                    capture_from = Some(at);
                 } else {
                     self.pending = Some(w);
                 }
@@ -139,14 +153,14 @@ impl TopLevel {
                     if self.depth <= 1 {
                         // Closing a container value at the top level ends its capture
                         // (inclusive); closing the top level ends a scalar's (exclusive).
-                        let end = if self.depth == 1 { i + 1 } else { i };
+                        let end = if self.depth == 1 { at + 1 } else { at };
                         self.finish_capture(chunk, &mut capture_from, end);
                     }
                 }
                 b',' => {
                     self.expect_key = self.in_object();
                     if self.depth == 1 {
-                        self.finish_capture(chunk, &mut capture_from, i);
+                        self.finish_capture(chunk, &mut capture_from, at);
                     }
                 }
                 _ => {}
@@ -154,6 +168,22 @@ impl TopLevel {
         }
         if let (Some(w), Some(from)) = (self.capturing, capture_from) {
             self.append(w, &chunk[from..]);
+        }
+    }
+
+    /// Bytes of a string with no quote or backslash among them, as the
+    /// byte loop would take them one by one.
+    fn string_run(&mut self, run: &[u8]) {
+        if self.string_is_key {
+            if self.depth == 1 {
+                let room = MAX_KEY.saturating_sub(self.key.len());
+                self.key.extend_from_slice(&run[..run.len().min(room)]);
+                if run.len() > room {
+                    self.key_too_long = true;
+                }
+            }
+        } else if self.depth >= 2 {
+            self.text_bytes += run.len() as u64;
         }
     }
 
@@ -260,7 +290,62 @@ mod tests {
         assert_eq!(s.value("model"), Some(&br#""m""#[..]));
     }
 
+    /// The scan fed one byte at a time, where no run is longer than a byte.
+    fn scan_bytewise(body: &[u8], max: usize) -> TopLevel {
+        let mut s = TopLevel::new(WANTED, max);
+        for b in body {
+            s.feed(std::slice::from_ref(b));
+        }
+        s
+    }
+
+    fn state(s: &TopLevel) -> (Vec<Option<Vec<u8>>>, u64, u32, bool) {
+        (s.captures.clone(), s.text_bytes, s.depth, s.in_string)
+    }
+
+    #[test]
+    fn keys_and_texts_read_in_runs_as_byte_by_byte() {
+        let long_key = "k".repeat(MAX_KEY);
+        let bodies = [
+            CHAT.to_string(),
+            format!(r#"{{"{long_key}":1,"usage":2}}"#),
+            format!(r#"{{"{long_key}x":{{"usage":3}},"model":"m"}}"#),
+            format!(r#"{{"usage{long_key}":1,"model":"m"}}"#),
+            r#"{"model":"a\"b\\","choices":[{"t":"x\"y\\\u00e9z","u\"sage":"q"}],"usage":{"a":"\""}}"#.to_string(),
+        ];
+        for body in &bodies {
+            let mut whole = TopLevel::new(WANTED, 4096);
+            whole.feed(body.as_bytes());
+            assert_eq!(
+                state(&whole),
+                state(&scan_bytewise(body.as_bytes(), 4096)),
+                "{body}"
+            );
+        }
+        let mut s = TopLevel::new(WANTED, 4096);
+        s.feed(bodies[2].as_bytes());
+        assert_eq!(s.value("model"), Some(&br#""m""#[..]));
+        assert_eq!(s.value("usage"), None);
+    }
+
     proptest! {
+        #[test]
+        fn any_body_read_whole_reads_as_byte_by_byte(
+            body in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "{", "}", "[", "]", ",", ":", " ", "\"", "\\", "\\\"", "a", "usage", "model",
+                    "\"usage\":", "\"model\":", "\"text\"", "12", "null", "é",
+                ]),
+                0..60,
+            ),
+            max in 1usize..64,
+        ) {
+            let body = body.concat();
+            let mut whole = TopLevel::new(WANTED, max);
+            whole.feed(body.as_bytes());
+            prop_assert_eq!(state(&whole), state(&scan_bytewise(body.as_bytes(), max)), "{}", body);
+        }
+
         #[test]
         fn any_chunking_gives_the_same_result(cuts in proptest::collection::vec(0usize..CHAT.len(), 0..20)) {
             let whole = scan_whole(CHAT);
