@@ -26,7 +26,8 @@
 
 use super::key::{hex, Key};
 use crate::boundary::{CasError, SharedData};
-use serde::{Deserialize, Serialize};
+use crate::wire::push_decimal;
+use serde::Deserialize;
 
 /// Entries per shard.
 pub const WAYS: usize = 8;
@@ -51,7 +52,13 @@ pub struct Entry {
     pub body: Vec<u8>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// An entry's header line, a JSON object. Written here, not by serde: a
+/// store writes one per miss and serde's derive took 4.6k instructions
+/// natively to do it, the writer below 2.9k (the bytes are serde's, a test
+/// checks). Read by serde: reading it in place with the walker was no
+/// cheaper (7.3k against 7.1k per hit, natively).
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct Meta {
     v: u32,
     key: String,
@@ -61,6 +68,31 @@ struct Meta {
     tokens: u64,
     len: usize,
     sum: String,
+}
+
+/// Writes the header line of `entry`, whose body has checksum `sum`.
+fn write_meta(out: &mut String, entry: &Entry, sum: &str) {
+    // The strings are hex digits: nothing to escape.
+    let numbers = [
+        ("{\"v\":", u64::from(FORMAT_VERSION)),
+        (",\"created_ms\":", entry.created_ms),
+        (",\"expires_ms\":", entry.expires_ms),
+        (",\"stale_until_ms\":", entry.stale_until_ms),
+        (",\"tokens\":", entry.tokens),
+        (",\"len\":", entry.body.len() as u64),
+    ];
+    for (i, (name, n)) in numbers.into_iter().enumerate() {
+        out.push_str(name);
+        push_decimal(out, n);
+        if i == 0 {
+            out.push_str(",\"key\":\"");
+            out.push_str(&entry.key.hex());
+            out.push('"');
+        }
+    }
+    out.push_str(",\"sum\":\"");
+    out.push_str(sum);
+    out.push_str("\"}");
 }
 
 /// Catches a truncated or corrupt body, not an adversary (the key is a
@@ -86,17 +118,8 @@ fn checksum(body: &[u8]) -> String {
 
 impl Entry {
     pub fn encode(&self) -> Vec<u8> {
-        let meta = Meta {
-            v: FORMAT_VERSION,
-            key: self.key.hex(),
-            created_ms: self.created_ms,
-            expires_ms: self.expires_ms,
-            stale_until_ms: self.stale_until_ms,
-            tokens: self.tokens,
-            len: self.body.len(),
-            sum: checksum(&self.body),
-        };
-        let meta = serde_json::to_string(&meta).unwrap_or_default();
+        let mut meta = String::with_capacity(192);
+        write_meta(&mut meta, self, &checksum(&self.body));
         let mut out = Vec::with_capacity(ENTRY_MAGIC.len() + meta.len() + self.body.len() + 2);
         out.extend_from_slice(ENTRY_MAGIC.as_bytes());
         out.push(b' ');
@@ -378,6 +401,36 @@ mod tests {
 
     fn key(n: u64) -> Key {
         Key(Sha256::digest(n.to_le_bytes()).into())
+    }
+
+    #[test]
+    fn the_header_line_is_the_one_serde_wrote() {
+        for (n, now, len, tokens) in [
+            (1, 0, 0, 0),
+            (2, 1_700_000_000_123, 417, 212),
+            (3, u64::MAX - 200_000, 9, u64::MAX),
+        ] {
+            let mut e = entry(n, now, len);
+            e.tokens = tokens;
+            e.expires_ms = now.saturating_add(1);
+            let encoded = e.encode();
+            let line = encoded.strip_prefix(b"aigw-cache ").unwrap();
+            let line = &line[..line.iter().position(|b| *b == b'\n').unwrap()];
+            // What serde's derive writes, the writer must write.
+            let serde = serde_json::to_string(&Meta {
+                v: FORMAT_VERSION,
+                key: e.key.hex(),
+                created_ms: e.created_ms,
+                expires_ms: e.expires_ms,
+                stale_until_ms: e.stale_until_ms,
+                tokens: e.tokens,
+                len: e.body.len(),
+                sum: checksum(&e.body),
+            })
+            .unwrap();
+            assert_eq!(String::from_utf8_lossy(line), serde);
+            assert_eq!(Entry::decode(&encoded, &e.key), Some(e));
+        }
     }
 
     fn entry(n: u64, now: u64, body_len: usize) -> Entry {

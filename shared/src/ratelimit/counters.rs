@@ -66,7 +66,7 @@ fn place_in(parts: &[&str], tag: u64, subject: &str) -> Place {
         key.push_str(part);
     }
     key.push('/');
-    super::push_number(&mut key, slot);
+    crate::wire::push_decimal(&mut key, slot);
     Place { key, subject, tag }
 }
 

@@ -36,6 +36,7 @@ use crate::presence::Presence;
 use crate::stage::{
     CalloutResponse, Env, Filter, Headers, LogInput, Reply, RequestBody, RootEnv, Stage, Step,
 };
+use crate::wire::push_decimal;
 use crate::wire::request::RequestFacts;
 use crate::wire::usage::estimate_tokens;
 use config::{Compiled, FailureMode, Kind, Limit, RateLimitConfig, Rule, Service};
@@ -802,9 +803,9 @@ pub fn headers_for(standings: &[Standing], all: bool) -> Vec<(&'static str, Stri
                 text.push_str(s.window.name());
                 text.push('"');
                 text.push_str(a);
-                push_number(text, av);
+                push_decimal(text, av);
                 text.push_str(b);
-                push_number(text, bv);
+                push_decimal(text, bv);
             }
         }
         out.push(("ratelimit-policy", policy));
@@ -815,28 +816,13 @@ pub fn headers_for(standings: &[Standing], all: bool) -> Vec<(&'static str, Stri
 
 fn number(n: u64) -> String {
     let mut s = String::with_capacity(20);
-    push_number(&mut s, n);
+    push_decimal(&mut s, n);
     s
 }
 
 /// A limit's tag in its rule's counter slots: its kind and window.
 fn tag(kind: Kind, window: window::Window) -> u64 {
     ((window as u64) << 8) | kind as u64
-}
-
-/// Appends `n` in decimal.
-fn push_number(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend(digits[i..].iter().map(|&d| char::from(d)));
 }
 
 impl Stage for RateLimitStage {

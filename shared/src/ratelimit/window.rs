@@ -122,21 +122,21 @@ pub fn openai_duration(ms: u64) -> String {
     // go on every answer.
     let mut out = String::with_capacity(12);
     if ms < 1000 {
-        super::push_number(&mut out, ms);
+        crate::wire::push_decimal(&mut out, ms);
         out.push_str("ms");
         return out;
     }
     let s = ms.div_ceil(1000);
     let (h, m, s) = (s / 3600, (s % 3600) / 60, s % 60);
     if h > 0 {
-        super::push_number(&mut out, h);
+        crate::wire::push_decimal(&mut out, h);
         out.push('h');
     }
     if h > 0 || m > 0 {
-        super::push_number(&mut out, m);
+        crate::wire::push_decimal(&mut out, m);
         out.push('m');
     }
-    super::push_number(&mut out, s);
+    crate::wire::push_decimal(&mut out, s);
     out.push('s');
     out
 }
