@@ -14,6 +14,7 @@
 //! different questions. The scope, the API and the routed model come first,
 //! each on its own line, so no body can collide with another scope's.
 
+use crate::wire::json_out::push_string;
 use serde_json::Value;
 
 /// Top-level request members that do not change the answer: the same
@@ -99,7 +100,7 @@ fn write_object<'a>(
         if i > 0 {
             out.push(b',');
         }
-        write_string(out, k);
+        push_string(out, k);
         out.push(b':');
         write_value(out, v, fold(k));
     };
@@ -130,8 +131,8 @@ fn write_value(out: &mut Vec<u8>, v: &Value, fold: bool) {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Value::Number(n) => out.extend_from_slice(n.to_string().as_bytes()),
-        Value::String(s) if fold => write_string(out, &fold_ws(s)),
-        Value::String(s) => write_string(out, s),
+        Value::String(s) if fold => push_string(out, &fold_ws(s)),
+        Value::String(s) => push_string(out, s),
         Value::Array(a) => {
             out.push(b'[');
             for (i, x) in a.iter().enumerate() {
@@ -144,72 +145,6 @@ fn write_value(out: &mut Vec<u8>, v: &Value, fold: bool) {
         }
         Value::Object(o) => write_object(out, o, o.iter(), &|_| fold),
     }
-}
-
-/// Writes `s` as a JSON string, byte for byte as `serde_json` does (so keys
-/// do not change), without an allocation per string. Prompts are long and
-/// seldom need an escape, so eight bytes at a time are checked for one.
-fn write_string(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    let bytes = s.as_bytes();
-    let mut start = 0;
-    let mut at = 0;
-    for word in bytes.chunks_exact(8) {
-        let w = u64::from_le_bytes([
-            word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
-        ]);
-        if needs_escape(w) {
-            for i in at..at + 8 {
-                escape(out, bytes, &mut start, i);
-            }
-        }
-        at += 8;
-    }
-    for i in at..bytes.len() {
-        escape(out, bytes, &mut start, i);
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
-}
-
-/// Whether any of the eight bytes is a control byte, `"` or `\\`. The
-/// classic "has a byte less than n" and "has a zero byte" tests: a word's
-/// answer is exact, though not which byte.
-fn needs_escape(w: u64) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let less_than = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
-    let control = less_than(w, 0x20);
-    let quote = less_than(w ^ (ONES * u64::from(b'"')), 1);
-    let backslash = less_than(w ^ (ONES * u64::from(b'\\')), 1);
-    (control | quote | backslash) != 0
-}
-
-/// Writes the escape of `bytes[i]`, if it needs one, after the bytes since
-/// `start`.
-fn escape(out: &mut Vec<u8>, bytes: &[u8], start: &mut usize, i: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let b = bytes[i];
-    let escape: &[u8] = match b {
-        b'"' => b"\\\"",
-        b'\\' => b"\\\\",
-        b'\n' => b"\\n",
-        b'\r' => b"\\r",
-        b'\t' => b"\\t",
-        0x08 => b"\\b",
-        0x0c => b"\\f",
-        0..=0x1f => b"",
-        _ => return,
-    };
-    out.extend_from_slice(&bytes[*start..i]);
-    if escape.is_empty() {
-        out.extend_from_slice(b"\\u00");
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 15)]);
-    } else {
-        out.extend_from_slice(escape);
-    }
-    *start = i + 1;
 }
 
 fn fold_ws(s: &str) -> String {
@@ -229,31 +164,6 @@ mod tests {
             fold_whitespace: fold,
         };
         key(&ctx, v.as_object().unwrap())
-    }
-
-    #[test]
-    fn strings_are_written_as_serde_json_writes_them() {
-        let all: String = (0u8..0x80).map(char::from).collect();
-        for s in [
-            "",
-            "plain",
-            "quote \" back \\ slash",
-            "é ünï 😀",
-            all.as_str(),
-        ] {
-            let mut out = Vec::new();
-            write_string(&mut out, s);
-            assert_eq!(out, serde_json::to_vec(s).unwrap(), "{s:?}");
-        }
-        // Every byte at every place in an eight-byte word, and across two.
-        for c in (0u8..0x80).map(char::from).chain(['é', '😀']) {
-            for at in 0..17 {
-                let s = format!("{}{c}{}", "a".repeat(at), "é b".repeat(3));
-                let mut out = Vec::new();
-                write_string(&mut out, &s);
-                assert_eq!(out, serde_json::to_vec(&s).unwrap(), "{s:?}");
-            }
-        }
     }
 
     const BASE: &str =

@@ -7,10 +7,11 @@
 //! verbatim (`%FILTER_STATE(wasm.aigw.access_log:PLAIN)%`). The field list is
 //! the interface DESIGN.md promises; fields are never dropped, only null.
 
-use serde::Serialize;
+use crate::wire::json_out::Object;
 
 /// One request's line. Field order is the order written.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(test, derive(serde::Serialize))]
 pub struct Line {
     pub request_id: Option<String>,
     pub consumer: Option<String>,
@@ -41,11 +42,45 @@ pub struct Line {
     pub ttft_ms: Option<u64>,
 }
 
+/// Bytes reserved for a line before it is written.
+const LINE_CAPACITY: usize = 1024;
+
 impl Line {
-    pub fn to_json(&self) -> String {
-        // Serialising plain data with string keys cannot fail; an empty line
-        // would still be better than a trapped VM on the log path.
-        serde_json::to_string(self).unwrap_or_default()
+    /// The line's JSON bytes: the members in the struct's order, each
+    /// written with its name as one constant (as serde's derive would
+    /// write them; a test holds the two equal).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Sized for a whole line (most are 400-700 bytes), so it is not
+        // grown and copied from a small buffer up.
+        let mut out = Vec::with_capacity(LINE_CAPACITY);
+        let mut o = Object::new(&mut out);
+        o.str("request_id", self.request_id.as_deref());
+        o.str("consumer", self.consumer.as_deref());
+        o.str("provider", self.provider.as_deref());
+        o.str("operation", self.operation);
+        o.str("model_requested", self.model_requested.as_deref());
+        o.str("model", self.model.as_deref());
+        o.str("route", self.route.as_deref());
+        o.str("route_reason", self.route_reason.as_deref());
+        o.str("route_tier", self.route_tier.as_deref());
+        o.u64("route_score", self.route_score.map(u64::from));
+        o.u64("status", self.status.map(u64::from));
+        o.bool("stream", self.stream);
+        o.u64("input_tokens", self.input_tokens);
+        o.u64("output_tokens", self.output_tokens);
+        o.u64("total_tokens", self.total_tokens);
+        o.u64("cached_input_tokens", self.cached_input_tokens);
+        o.u64("cache_write_input_tokens", self.cache_write_input_tokens);
+        o.u64("reasoning_tokens", self.reasoning_tokens);
+        o.str("usage_source", Some(self.usage_source));
+        o.f64("cost_usd", self.cost_usd);
+        o.str("cache", self.cache);
+        o.str("ratelimit", self.ratelimit);
+        o.str("screen", self.screen);
+        o.u64("duration_ms", self.duration_ms);
+        o.u64("ttft_ms", self.ttft_ms);
+        o.end();
+        out
     }
 }
 
@@ -59,7 +94,7 @@ mod tests {
             usage_source: "none",
             ..Line::default()
         };
-        let v: serde_json::Value = serde_json::from_str(&line.to_json()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line.to_json()).unwrap();
         let o = v.as_object().unwrap();
         for field in [
             "request_id",
@@ -89,5 +124,70 @@ mod tests {
             assert_eq!(o.get(field), Some(&serde_json::Value::Null), "{field}");
         }
         assert_eq!(o["usage_source"], "none");
+    }
+
+    fn full(text: &str, n: u64, f: f64) -> Line {
+        Line {
+            request_id: Some(text.to_string()),
+            consumer: Some(format!("{text}-c")),
+            provider: Some("openai".into()),
+            operation: Some("chat"),
+            model_requested: Some(text.to_string()),
+            model: Some("gpt-4o".into()),
+            route: Some(text.to_string()),
+            route_reason: Some("alias".into()),
+            route_tier: Some(text.to_string()),
+            route_score: u32::try_from(n % (1 << 32)).ok(),
+            status: u16::try_from(n % 600).ok(),
+            stream: Some(n % 2 == 0),
+            input_tokens: Some(n),
+            output_tokens: Some(n / 3),
+            total_tokens: Some(u64::MAX),
+            cached_input_tokens: Some(0),
+            cache_write_input_tokens: None,
+            reasoning_tokens: Some(n / 7),
+            usage_source: "reported",
+            cost_usd: Some(f),
+            cache: Some("miss"),
+            ratelimit: Some("allowed"),
+            screen: Some("redacted"),
+            duration_ms: Some(n / 11),
+            ttft_ms: None,
+        }
+    }
+
+    #[test]
+    fn lines_are_written_as_serde_writes_them() {
+        let all: String = (0u8..0x80).map(char::from).collect();
+        let lines = [
+            Line::default(),
+            full("req-1", 212, 0.000_425),
+            full(&all, 0, 0.0),
+            full("é \"x\" \\ 😀", u64::MAX, f64::NAN),
+            full("", 1, 1e-9),
+        ];
+        for line in lines {
+            assert_eq!(
+                String::from_utf8(line.to_json()).unwrap(),
+                serde_json::to_string(&line).unwrap()
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_line_is_written_as_serde_writes_it(
+            text in "\\PC*|[\\x00-\\x7f]{0,40}",
+            n in proptest::num::u64::ANY,
+            f in proptest::num::f64::ANY,
+        ) {
+            let line = full(&text, n, f);
+            let json = line.to_json();
+            proptest::prop_assert_eq!(
+                String::from_utf8(json.clone()).unwrap(),
+                serde_json::to_string(&line).unwrap()
+            );
+            let _: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        }
     }
 }

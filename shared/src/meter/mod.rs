@@ -746,7 +746,7 @@ impl MeterStage {
                 duration_ms,
                 ttft_ms,
             };
-            env.state.set(facts::ACCESS_LOG, line.to_json().as_bytes());
+            env.state.set(facts::ACCESS_LOG, &line.to_json());
         }
     }
 }

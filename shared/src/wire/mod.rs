@@ -4,12 +4,13 @@
 //! (`api`), the facts of its body (`request`), streamed answers (`sse`), the
 //! top-level members of JSON answers (`json_scan`), compressed answers
 //! (`decode`), the usage the providers report (`usage`), and a few members
-//! of one small document read in place (`walk`), and decimals written
-//! without the formatting machinery (`push_decimal`). They live
+//! of one small document read in place (`walk`), and JSON and decimals
+//! written without the formatting machinery (`json_out`, `push_decimal`). They live
 //! together because they are the parts every filter shares.
 
 pub mod api;
 pub mod decode;
+pub mod json_out;
 pub mod json_scan;
 pub mod request;
 pub mod sse;
@@ -19,8 +20,14 @@ pub mod walk;
 /// Writes `n` in decimal, as `n.to_string()` would, without the formatting
 /// machinery, which costs more than the digits on a per-request path (rate
 /// limit headers, a cache entry's header line).
-pub fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
+pub fn push_decimal(out: &mut String, n: u64) {
+    // Digits are ASCII, so the check cannot fail; it is cheaper than
+    // pushing them as chars one by one.
+    out.push_str(std::str::from_utf8(decimal(n, &mut [0; 20])).unwrap_or("0"));
+}
+
+/// `n`'s decimal digits, written into the end of `digits`.
+fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -30,7 +37,7 @@ pub fn push_decimal(out: &mut String, mut n: u64) {
             break;
         }
     }
-    out.extend(digits[i..].iter().map(|&d| char::from(d)));
+    &digits[i..]
 }
 
 #[cfg(test)]
