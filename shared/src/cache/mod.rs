@@ -647,13 +647,11 @@ impl CacheStage {
         self.miss(env)
     }
 
-    fn store(&mut self, env: &mut Env<'_>, body: Vec<u8>, answer: &Value) {
-        let (Some(asked), Some(api)) = (&self.asked, &self.api) else {
+    /// Keeps an answer; `tokens` is what it saves, when it may be kept.
+    fn store(&mut self, env: &mut Env<'_>, body: Vec<u8>, tokens: Option<u64>) {
+        let (Some(asked), Some(tokens)) = (&self.asked, tokens) else {
             return;
         };
-        if !replay::finish_allowed(api.operation, answer, &self.cache.finish_reasons) {
-            return;
-        }
         let now = env.clock.now_ms();
         let ttl = asked
             .model
@@ -667,7 +665,7 @@ impl CacheStage {
             created_ms: now,
             expires_ms,
             stale_until_ms: expires_ms + self.cache.stale_ms.unwrap_or(0),
-            tokens: replay::tokens(answer),
+            tokens,
             body,
         };
         let model = asked.model.clone();
@@ -702,23 +700,18 @@ impl CacheStage {
         }
     }
 
-    /// Stores what was captured; `last` is the response's last piece,
-    /// which is all of it when the answer was read whole.
-    fn finish_capture(&mut self, env: &mut Env<'_>, last: &mut Chunk) {
-        match std::mem::replace(&mut self.capture, Capture::Off) {
+    /// Stores what was captured, once the answer has ended.
+    fn finish_capture(&mut self, env: &mut Env<'_>) {
+        let capture = std::mem::replace(&mut self.capture, Capture::Off);
+        let Some(op) = self.api.as_ref().map(|a| a.operation) else {
+            return;
+        };
+        match capture {
             Capture::Off => {}
-            Capture::Json(bytes) if bytes.as_slice() == last.bytes() => {
-                // Parsed once for every stage that reads it (the screen above).
-                if let Some(answer) = last.json().filter(|a| a.is_object()) {
-                    self.store(env, bytes, answer);
-                }
-            }
             Capture::Json(bytes) => {
-                if let Ok(answer) = serde_json::from_slice::<Value>(&bytes) {
-                    if answer.is_object() {
-                        self.store(env, bytes, &answer);
-                    }
-                }
+                // Read in place, not parsed: the screen above reads it so too.
+                let tokens = replay::keepable(op, &bytes, &self.cache.finish_reasons);
+                self.store(env, bytes, tokens);
             }
             Capture::Sse {
                 mut parser,
@@ -734,7 +727,9 @@ impl CacheStage {
                 if let Some(answer) = assembler.finish() {
                     if let Ok(bytes) = serde_json::to_vec(&answer) {
                         if bytes.len() <= self.cache.max_answer_bytes {
-                            self.store(env, bytes, &answer);
+                            let tokens =
+                                replay::keepable_value(op, &answer, &self.cache.finish_reasons);
+                            self.store(env, bytes, tokens);
                         }
                     }
                 }
@@ -962,7 +957,7 @@ impl Stage for CacheStage {
             self.capture = Capture::Off;
         }
         if end_of_stream {
-            self.finish_capture(env, chunk);
+            self.finish_capture(env);
         }
         Step::Continue
     }

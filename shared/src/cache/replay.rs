@@ -378,11 +378,73 @@ fn set(v: &mut Value, k: &str, x: Value) -> bool {
     }
 }
 
-/// Why an answer is not cached, if it is not: its finish reasons, read from
-/// the JSON answer, must all be in `allowed` (`stop`, `length`, `tool_calls`,
-/// `content_filter`; Anthropic's and the Responses API's reasons are mapped
-/// onto these).
-pub fn finish_allowed(op: Operation, answer: &Value, allowed: &[String]) -> bool {
+/// Whether a JSON answer is kept, read in place: `Some` of the tokens its
+/// usage counts (input + output, cache reads and writes included) when it
+/// is a JSON object whose finish reasons are all in `allowed` (`stop`,
+/// `length`, `tool_calls`, `content_filter`; Anthropic's and the Responses
+/// API's reasons are mapped onto these). A member written twice counts as
+/// its last value, as in the parsed document.
+pub fn keepable(op: Operation, bytes: &[u8], allowed: &[String]) -> Option<u64> {
+    // Only what serde would read as a document is kept: the walker does not
+    // check the UTF-8 of the strings it passes over.
+    std::str::from_utf8(bytes).ok()?;
+    let ok = |r: &str| allowed.iter().any(|a| a == r);
+    let mut finished = false;
+    // prompt, completion (OpenAI); input, output, cache read, cache write.
+    let mut usage = [0u64; 6];
+    walk::Walker::document(bytes, |w| {
+        if !w.is_object() {
+            return Err(walk::Bad);
+        }
+        w.object(|w, k| match (&*k.name()?, op) {
+            (b"choices", Operation::Chat | Operation::Completions) => {
+                finished = choices_finished(w, &ok)?;
+                Ok(())
+            }
+            (b"stop_reason", Operation::Messages) => {
+                finished = match opt_text(w)?.as_deref() {
+                    Some("end_turn" | "stop_sequence") => ok("stop"),
+                    Some("max_tokens") => ok("length"),
+                    Some("tool_use") => ok("tool_calls"),
+                    Some("refusal") => ok("content_filter"),
+                    _ => false,
+                };
+                Ok(())
+            }
+            (b"status", Operation::Responses) => {
+                finished = opt_text(w)?.as_deref() == Some("completed") && ok("stop");
+                Ok(())
+            }
+            (b"data", Operation::Embeddings) => {
+                finished = w.is_array();
+                w.skip().map(drop)
+            }
+            (b"usage", _) => {
+                usage = read_usage(w)?;
+                Ok(())
+            }
+            _ => w.skip().map(drop),
+        })
+    })
+    .ok()?;
+    let [prompt, completion, input, output, read, write] = usage;
+    let openai = prompt.saturating_add(completion);
+    let other = input
+        .saturating_add(output)
+        .saturating_add(read)
+        .saturating_add(write);
+    finished.then_some(openai.max(other))
+}
+
+/// [`keepable`] for an answer already parsed (a stream's, as assembled for
+/// its entry). The two are held to the same decisions by a test.
+pub fn keepable_value(op: Operation, answer: &Value, allowed: &[String]) -> Option<u64> {
+    (answer.is_object() && finish_allowed(op, answer, allowed)).then(|| tokens(answer))
+}
+
+/// What [`keepable`] decides, as it was decided on the parsed document:
+/// the reference it is held to.
+fn finish_allowed(op: Operation, answer: &Value, allowed: &[String]) -> bool {
     let ok = |r: &str| allowed.iter().any(|a| a == r);
     match op {
         Operation::Chat | Operation::Completions => {
@@ -412,7 +474,7 @@ pub fn finish_allowed(op: Operation, answer: &Value, allowed: &[String]) -> bool
 }
 
 /// Tokens an answer's usage counts (input + output, cache reads and writes included).
-pub fn tokens(answer: &Value) -> u64 {
+fn tokens(answer: &Value) -> u64 {
     let Some(u) = answer.get("usage") else {
         return 0;
     };
@@ -423,6 +485,66 @@ pub fn tokens(answer: &Value) -> u64 {
         + n("cache_read_input_tokens")
         + n("cache_creation_input_tokens");
     openai.max(other)
+}
+
+/// A string value, or `None` for any other value (skipped).
+fn opt_text<'a>(w: &mut walk::Walker<'a>) -> walk::Walked<Option<std::borrow::Cow<'a, str>>> {
+    if w.is_str() {
+        w.str().map(Some)
+    } else {
+        w.skip().map(|_| None)
+    }
+}
+
+/// Whether `choices` is a non-empty array whose every choice is an object
+/// with an allowed `finish_reason`.
+fn choices_finished(w: &mut walk::Walker<'_>, ok: &dyn Fn(&str) -> bool) -> walk::Walked<bool> {
+    if !w.is_array() {
+        return w.skip().map(|_| false);
+    }
+    let (mut any, mut all) = (false, true);
+    w.array(|w| {
+        any = true;
+        if !w.is_object() {
+            all = false;
+            return w.skip().map(drop);
+        }
+        let mut reason = false;
+        w.object(|w, k| {
+            if &*k.name()? == b"finish_reason" {
+                reason = opt_text(w)?.is_some_and(|r| ok(&r));
+                Ok(())
+            } else {
+                w.skip().map(drop)
+            }
+        })?;
+        all &= reason;
+        Ok(())
+    })?;
+    Ok(any && all)
+}
+
+/// The usage's counts that decide the tokens an entry saves, each 0 when
+/// absent or not an unsigned integer (and all 0 when usage is no object).
+fn read_usage(w: &mut walk::Walker<'_>) -> walk::Walked<[u64; 6]> {
+    let mut n = [0u64; 6];
+    if !w.is_object() {
+        return w.skip().map(|_| n);
+    }
+    w.object(|w, k| {
+        let at = match &*k.name()? {
+            b"prompt_tokens" => 0,
+            b"completion_tokens" => 1,
+            b"input_tokens" => 2,
+            b"output_tokens" => 3,
+            b"cache_read_input_tokens" => 4,
+            b"cache_creation_input_tokens" => 5,
+            _ => return w.skip().map(drop),
+        };
+        n[at] = walk::uint(w.skip()?).unwrap_or(0);
+        Ok(())
+    })?;
+    Ok(n)
 }
 
 fn sse(out: &mut Vec<u8>, event: Option<&str>, data: &Value) {
@@ -750,6 +872,73 @@ mod tests {
         a.finish()
     }
 
+    /// Whether the answer, as bytes, is kept.
+    fn kept(op: Operation, answer: &Value, allowed: &[String]) -> bool {
+        keepable(op, &serde_json::to_vec(answer).unwrap(), allowed).is_some()
+    }
+
+    #[test]
+    fn answers_are_judged_in_place_as_parsed() {
+        let ops = [
+            Operation::Chat,
+            Operation::Completions,
+            Operation::Messages,
+            Operation::Responses,
+            Operation::Embeddings,
+        ];
+        let allowed = [
+            vec!["stop".to_string()],
+            vec![
+                "stop".to_string(),
+                "length".to_string(),
+                "tool_calls".to_string(),
+            ],
+            vec!["content_filter".to_string(), "length".to_string()],
+        ];
+        let mut docs: Vec<String> = answers().iter().map(|(_, a)| a.to_string()).collect();
+        docs.extend(
+            [
+                r#"{"choices":[{"finish_reason":"length"},{"finish_reason":"stop"}]}"#,
+                r#"{"choices":[{"finish_reason":"stop"},5]}"#,
+                r#"{"choices":[{"finish_reason":5}]}"#,
+                r#"{"choices":[]}"#,
+                r#"{"choices":{"finish_reason":"stop"}}"#,
+                r#"{"choices":[{"finish_reason":"stop","finish_reason":"length"}]}"#,
+                r#"{"choices":[{"finish_reason":"length"}],"choices":[{"finish_reason":"stop"}]}"#,
+                r#"{"stop_reason":"max_tokens","usage":{"input_tokens":3,"output_tokens":1.5}}"#,
+                r#"{"stop_reason":"refusal","stop_reason":"tool_use"}"#,
+                r#"{"stop_reason":null,"status":"completed","data":[]}"#,
+                r#"{"status":"failed","data":{}}"#,
+                r#"{"usage":{"prompt_tokens":7,"completion_tokens":"2","input_tokens":-1,"cache_read_input_tokens":4,"cache_creation_input_tokens":99999999999999999999}}"#,
+                r#"{"usage":[1,2],"choices":[{"finish_reason":"stop"}]}"#,
+                r#"{"usage":{"prompt_tokens":1},"usage":{"completion_tokens":2},"choices":[{"finish_reason":"stop"}]}"#,
+                r#"{"ch\u006fices":[{"finish_re\u0061son":"st\u006fp"}]}"#,
+                "[1]",
+                "5",
+            ]
+            .map(String::from),
+        );
+        for doc in &docs {
+            let v: Value = serde_json::from_str(doc).unwrap();
+            for op in ops {
+                for a in &allowed {
+                    let want = keepable_value(op, &v, a);
+                    assert_eq!(keepable(op, doc.as_bytes(), a), want, "{op:?} {a:?} {doc}");
+                }
+            }
+        }
+        // Not one JSON document, or not all UTF-8: not kept.
+        for bad in [
+            &br#"{"choices":[{"finish_reason":"stop"}]"#[..],
+            br#"{"choices":[{"finish_reason":"stop"}]} {}"#,
+            b"{\"choices\":[{\"finish_reason\":\"stop\"}],\"x\":\"\xff\"}",
+            b"",
+        ] {
+            let stop = ["stop".to_string()];
+            assert_eq!(keepable(Operation::Chat, bad, &stop), None);
+        }
+    }
+
     fn answers() -> Vec<(Operation, Value)> {
         vec![
             (
@@ -821,7 +1010,9 @@ mod tests {
             "{with}"
         );
         assert!(!without.contains("usage"), "{without}");
-        assert_eq!(tokens(&answer), 6);
+        let stop = ["stop".to_string()];
+        let bytes = serde_json::to_vec(&answer).unwrap();
+        assert_eq!(keepable(op, &bytes, &stop), Some(6));
     }
 
     #[test]
@@ -907,7 +1098,7 @@ mod tests {
         let stop = ["stop".to_string()];
         for (op, s) in streams {
             // Either no answer, or none worth keeping.
-            let kept = assemble(*op, s.as_bytes()).is_some_and(|a| finish_allowed(*op, &a, &stop));
+            let kept = assemble(*op, s.as_bytes()).is_some_and(|a| kept(*op, &a, &stop));
             assert!(!kept, "{op:?}: {s}");
         }
         for answer in [
@@ -923,8 +1114,7 @@ mod tests {
                 Operation::Responses,
             ] {
                 let _ = to_stream(op, &answer, true);
-                let _ = finish_allowed(op, &answer, &["stop".to_string()]);
-                let _ = tokens(&answer);
+                let _ = kept(op, &answer, &["stop".to_string()]);
             }
         }
     }
@@ -934,24 +1124,13 @@ mod tests {
         let stop = vec!["stop".to_string()];
         let both = vec!["stop".to_string(), "length".to_string()];
         let a = answers();
-        assert!(finish_allowed(Operation::Chat, &a[0].1, &stop));
-        assert!(
-            !finish_allowed(Operation::Chat, &a[1].1, &both),
-            "tool_calls"
-        );
-        assert!(!finish_allowed(Operation::Completions, &a[2].1, &stop));
-        assert!(finish_allowed(Operation::Completions, &a[2].1, &both));
-        assert!(finish_allowed(Operation::Messages, &a[3].1, &stop));
-        assert!(finish_allowed(Operation::Responses, &a[4].1, &stop));
-        assert!(!finish_allowed(
-            Operation::Chat,
-            &json!({"choices":[]}),
-            &stop
-        ));
-        assert!(finish_allowed(
-            Operation::Embeddings,
-            &json!({"data":[]}),
-            &stop
-        ));
+        assert!(kept(Operation::Chat, &a[0].1, &stop));
+        assert!(!kept(Operation::Chat, &a[1].1, &both), "tool_calls");
+        assert!(!kept(Operation::Completions, &a[2].1, &stop));
+        assert!(kept(Operation::Completions, &a[2].1, &both));
+        assert!(kept(Operation::Messages, &a[3].1, &stop));
+        assert!(kept(Operation::Responses, &a[4].1, &stop));
+        assert!(!kept(Operation::Chat, &json!({"choices":[]}), &stop));
+        assert!(kept(Operation::Embeddings, &json!({"data":[]}), &stop));
     }
 }

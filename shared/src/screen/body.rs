@@ -6,7 +6,10 @@
 //! tool results, each with the role it speaks in. Ids, roles, tool schemas
 //! and image data are never looked at, so a redaction cannot break them.
 
+use crate::wire::walk::{Walked, Walker};
 use serde_json::Value;
+use std::borrow::Cow;
+use std::ops::Range;
 
 /// Calls `f(role, text)` for every prompt text of a request body, and
 /// returns how many messages (or input items) it has.
@@ -125,6 +128,37 @@ pub fn answer_texts(v: &mut Value, f: &mut dyn FnMut(&mut String)) {
     }
 }
 
+fn is_answer_key(key: &[u8]) -> bool {
+    ANSWER_TEXT.iter().any(|t| t.as_bytes() == key)
+}
+
+/// The answer texts of a JSON answer, read in place: each text's span in
+/// `bytes` (its quotes included) and its value, in the document's order.
+/// The same texts [`answer_texts`] finds in the parsed document, without
+/// building it; `Err` when the bytes are not one JSON document.
+pub fn answer_text_spans(bytes: &[u8]) -> Walked<Vec<(Range<usize>, Cow<'_, str>)>> {
+    let mut out = Vec::new();
+    Walker::document(bytes, |w| spans(w, &mut out))?;
+    Ok(out)
+}
+
+fn spans<'a>(w: &mut Walker<'a>, out: &mut Vec<(Range<usize>, Cow<'a, str>)>) -> Walked<()> {
+    if w.is_object() {
+        w.object(|w, k| {
+            if w.is_str() && is_answer_key(&k.name()?) {
+                out.push(w.spanned_str()?);
+                Ok(())
+            } else {
+                spans(w, out)
+            }
+        })
+    } else if w.is_array() {
+        w.array(|w| spans(w, out))
+    } else {
+        w.skip().map(drop)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +219,41 @@ mod tests {
         answer_texts(&mut v, &mut |s| got.push(s.clone()));
         got.sort();
         assert_eq!(got, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn answer_texts_read_in_place_are_the_parsed_ones() {
+        let docs = [
+            r#"{"id":"x","choices":[{"message":{"role":"assistant","content":"a"}}],"content":[{"type":"text","text":"b"}],"output":[{"content":[{"type":"output_text","text":"c"}]}]}"#,
+            r#"{"choices":[{"delta":{"content":"d\u00e9 \"q\""},"text":5,"refusal":null}]}"#,
+            r#"[{"text":"in an array"},[[{"output_text":"deep"}]],"content"]"#,
+            r#"{"content":{"text":"nested"},"model":"content","tool_calls":[{"function":{"arguments":"{\"text\":1}"}}]}"#,
+            r#""just a string""#,
+            r#"{}"#,
+            "{ \"text\" : \"spaced\" ,\n \"n\": [1, 2.5e3, true, false, null] }",
+            r#"{"te\u0078t":"escaped key"}"#,
+        ];
+        for doc in docs {
+            let mut v: Value = serde_json::from_str(doc).unwrap();
+            let mut parsed = Vec::new();
+            answer_texts(&mut v, &mut |s| parsed.push(s.clone()));
+            let spans = answer_text_spans(doc.as_bytes()).unwrap();
+            let mut read: Vec<String> = spans.iter().map(|(_, s)| s.to_string()).collect();
+            for (span, s) in &spans {
+                let raw: String = serde_json::from_slice(&doc.as_bytes()[span.clone()]).unwrap();
+                assert_eq!(&raw, s, "{doc}");
+            }
+            parsed.sort();
+            read.sort();
+            assert_eq!(read, parsed, "{doc}");
+        }
+        for bad in [
+            r#"{"text":"a""#,
+            r#"{"text":"a"} x"#,
+            "",
+            r#"{"text":"\ud800"}"#,
+        ] {
+            assert!(answer_text_spans(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 }

@@ -37,7 +37,9 @@ use crate::stage::{
     DEFAULT_MAX_BODY,
 };
 use crate::wire::api::{self, Api};
+use crate::wire::json_out::push_string;
 use crate::wire::usage::estimate_tokens;
+use crate::wire::walk::Walked;
 use config::{Compiled, Redaction};
 use detect::{Action, Found};
 use moderation::{FailureMode, Verdict};
@@ -146,6 +148,29 @@ impl Screen {
                 format!("[{kind}_{:08x}]", (h >> 32) as u32 ^ h as u32)
             }
         }
+    }
+
+    /// Screens every answer text of a JSON answer where it lies: the new
+    /// bytes when a text changed, each changed text written over its old
+    /// one and every other byte kept. `Err` when the answer is not JSON.
+    pub fn screen_answer_bytes(&self, bytes: &[u8], tally: &mut Tally) -> Walked<Option<Vec<u8>>> {
+        // Every text is found before any is screened, so an answer that
+        // turns out not to be JSON is not tallied twice (here, then as text).
+        let texts = body::answer_text_spans(bytes)?;
+        let mut out: Option<Vec<u8>> = None;
+        let mut at = 0;
+        for (span, text) in texts {
+            if let Some(new) = self.screen_text(&text, Direction::Response, tally) {
+                let o = out.get_or_insert_with(|| Vec::with_capacity(bytes.len() + 64));
+                o.extend_from_slice(&bytes[at..span.start]);
+                push_string(o, &new);
+                at = span.end;
+            }
+        }
+        Ok(out.map(|mut o| {
+            o.extend_from_slice(&bytes[at..]);
+            o
+        }))
     }
 
     /// Screens every answer text of a JSON value; whether any changed.
@@ -582,13 +607,11 @@ impl Stage for ScreenStage {
                     self.tally
                         .note("unscreenable", Action::Block, Direction::Response);
                     self.replace_answer(chunk);
-                } else if let Some(v) = chunk.json_mut() {
-                    // The document the cache below may already have parsed.
-                    let changed = screen.screen_answer(v, &mut self.tally);
+                } else if let Ok(new) = screen.screen_answer_bytes(chunk.bytes(), &mut self.tally) {
                     if !self.tally.blocked.is_empty() {
                         self.replace_answer(chunk);
-                    } else if changed {
-                        chunk.commit_json();
+                    } else if let Some(new) = new {
+                        chunk.set(new);
                     }
                 } else if !chunk.bytes().is_empty() {
                     // Not JSON after all (text/plain, say): screen it as text.

@@ -355,6 +355,24 @@ fn json_answers_are_screened_before_the_client_sees_them() {
     let (out, _) = run(&s, &ex);
     let v: Value = serde_json::from_slice(&out.client_body).unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "write to [EMAIL]");
+    // Only the text changes: every other byte (the members' order, ids
+    // that look like addresses, escapes, spacing) is the upstream's.
+    assert_eq!(
+        out.client_text(),
+        answer.replace("bob@corp.io", "[EMAIL]"),
+        "written over in place"
+    );
+    let answer = "{\"id\":\"bob@corp.io\", \"choices\":[{\"message\":{\"content\":\"a \\\"q\\\" \\u00e9 ann@corp.io\"},\"text\":\"ok\"}]}";
+    let ex = Exchange::post(CHAT, &chat("hi")).answer(
+        200,
+        "application/json",
+        vec![answer.as_bytes().to_vec()],
+    );
+    let (out, _) = run(&s, &ex);
+    assert_eq!(
+        out.client_text(),
+        "{\"id\":\"bob@corp.io\", \"choices\":[{\"message\":{\"content\":\"a \\\"q\\\" é [EMAIL]\"},\"text\":\"ok\"}]}"
+    );
     assert_eq!(
         out.client_headers.get("content-length"),
         Some(out.client_body.len().to_string().as_str())

@@ -252,6 +252,25 @@ impl<'a> Walker<'a> {
         self.peek() == Some(b'"')
     }
 
+    /// Whether the next value is an object.
+    pub fn is_object(&mut self) -> bool {
+        self.peek() == Some(b'{')
+    }
+
+    /// Whether the next value is an array.
+    pub fn is_array(&mut self) -> bool {
+        self.peek() == Some(b'[')
+    }
+
+    /// A string value and where it lies in the document, its quotes
+    /// included: what a reader that rewrites it in place replaces.
+    pub fn spanned_str(&mut self) -> Walked<(std::ops::Range<usize>, Cow<'a, str>)> {
+        self.ws();
+        let start = self.i;
+        let s = self.str()?;
+        Ok((start..self.i, s))
+    }
+
     /// `null` or a string.
     pub fn opt_str(&mut self) -> Walked<Option<Cow<'a, str>>> {
         if self.null()? {
