@@ -335,9 +335,6 @@ pub struct Chunk {
     bytes: Vec<u8>,
     changed: bool,
     truncated: bool,
-    /// The bytes as a JSON document, parsed on first use and shared by the
-    /// stages that read a whole JSON answer (the bundle parses it once).
-    json: Document,
 }
 
 impl Chunk {
@@ -367,28 +364,6 @@ impl Chunk {
     /// Replaces the bytes that go on to the client.
     pub fn set(&mut self, bytes: Vec<u8>) {
         if bytes != self.bytes {
-            self.bytes = bytes;
-            self.changed = true;
-            self.json.forget();
-        }
-    }
-
-    /// The bytes as a JSON document, parsed on first use; `None` when they
-    /// are not JSON.
-    pub fn json(&mut self) -> Option<&serde_json::Value> {
-        self.json_mut().map(|v| &*v)
-    }
-
-    /// The document, to change in place; [`Chunk::commit_json`] then makes
-    /// the bytes say what it says.
-    pub fn json_mut(&mut self) -> Option<&mut serde_json::Value> {
-        self.json.get_mut(&self.bytes)
-    }
-
-    /// Writes the document changed through [`Chunk::json_mut`] back as the
-    /// bytes; the document stays, since it is what they now say.
-    pub fn commit_json(&mut self) {
-        if let Some(bytes) = self.json.to_bytes().filter(|b| *b != self.bytes) {
             self.bytes = bytes;
             self.changed = true;
         }
@@ -696,26 +671,6 @@ mod tests {
         );
         assert!(RequestBody::new(b"not json".to_vec()).facts().is_none());
         assert!(RequestBody::truncated().facts().is_none());
-    }
-
-    #[test]
-    fn a_chunk_document_is_parsed_once_and_follows_the_bytes() {
-        let mut c = Chunk::new(br#"{"a":1}"#.to_vec());
-        assert_eq!(c.json().and_then(|v| v["a"].as_u64()), Some(1));
-        // Unchanged document, unchanged bytes.
-        c.commit_json();
-        assert!(!c.is_changed());
-        assert_eq!(c.bytes(), br#"{"a":1}"#);
-        if let Some(v) = c.json_mut() {
-            v["a"] = 2.into();
-        }
-        c.commit_json();
-        assert!(c.is_changed());
-        assert_eq!(c.bytes(), br#"{"a":2}"#);
-        // New bytes: the document is read again from them.
-        c.set(br#"{"a":3}"#.to_vec());
-        assert_eq!(c.json().and_then(|v| v["a"].as_u64()), Some(3));
-        assert!(Chunk::new(b"not json".to_vec()).json().is_none());
     }
 
     #[test]
