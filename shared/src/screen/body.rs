@@ -113,7 +113,7 @@ pub fn answer_texts(v: &mut Value, f: &mut dyn FnMut(&mut String)) {
         Value::Object(obj) => {
             for (k, child) in obj.iter_mut() {
                 match child {
-                    Value::String(s) if ANSWER_TEXT.contains(&k.as_str()) => f(s),
+                    Value::String(s) if is_answer_key(k.as_bytes()) => f(s),
                     Value::Array(_) | Value::Object(_) => answer_texts(child, f),
                     _ => {}
                 }
