@@ -458,35 +458,10 @@ impl Sink for DataJoin<'_> {
     }
 }
 
-/// Index of the first CR or LF. Scans a word at a time because this is the
-/// one loop that sees every byte of every response; it uses plain integer
-/// arithmetic, which wasm32 has, rather than SIMD, which a VM may not enable.
+/// Index of the first CR or LF (this loop sees every byte of every
+/// response; memchr's search takes the module's SIMD path).
 fn find_eol(hay: &[u8]) -> Option<usize> {
-    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
-    const CRS: u64 = u64::from_le_bytes([b'\r'; 8]);
-    const LFS: u64 = u64::from_le_bytes([b'\n'; 8]);
-    let mut words = hay.chunks_exact(8);
-    let mut base = 0;
-    for word in &mut words {
-        let Ok(bytes) = <[u8; 8]>::try_from(word) else {
-            break;
-        };
-        let word = u64::from_le_bytes(bytes);
-        let (cr, lf) = (word ^ CRS, word ^ LFS);
-        // The classic "has a zero byte" test. It can flag bytes above the
-        // first zero byte, never below, so the lowest flag is exact.
-        let hits = ((cr.wrapping_sub(ONES) & !cr) | (lf.wrapping_sub(ONES) & !lf)) & HIGHS;
-        if hits != 0 {
-            return Some(base + (hits.trailing_zeros() / 8) as usize);
-        }
-        base += 8;
-    }
-    words
-        .remainder()
-        .iter()
-        .position(|&b| b == b'\r' || b == b'\n')
-        .map(|i| base + i)
+    memchr::memchr2(b'\r', b'\n', hay)
 }
 
 /// Length of the line ending at `eol`, and whether it is a CR that ends the
