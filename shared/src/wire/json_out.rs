@@ -41,17 +41,24 @@ pub fn push_string(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// Whether any of the eight bytes is a control byte, `"` or `\\`. The
-/// classic "has a byte less than n" and "has a zero byte" tests: a word's
-/// answer is exact, though not which byte.
+/// Whether any of the eight bytes is a control byte, `"` or `\\`.
 fn needs_escape(w: u64) -> bool {
+    specials(w) != 0
+}
+
+/// The control bytes, `"` and `\\` of a word (read little-endian), as the
+/// high bit of their bytes: the classic "has a byte less than n" and "has a
+/// zero byte" tests. A flag can stand above the first such byte where
+/// there is none (a borrow carries up), never below it, so the lowest flag
+/// is exactly the first.
+pub(crate) fn specials(w: u64) -> u64 {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let less_than = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
     let control = less_than(w, 0x20);
     let quote = less_than(w ^ (ONES * u64::from(b'"')), 1);
     let backslash = less_than(w ^ (ONES * u64::from(b'\\')), 1);
-    (control | quote | backslash) != 0
+    control | quote | backslash
 }
 
 /// Writes the escape of `bytes[i]`, if it needs one, after the bytes since

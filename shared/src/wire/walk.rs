@@ -40,6 +40,35 @@ const SPECIAL: [bool; 256] = {
     t
 };
 
+/// How many plain string bytes `rest` starts with (`None`: all of it).
+/// The first bytes are tested one by one, since most strings of an event
+/// (keys, ids, a delta's few words) end within them; a longer run (a
+/// prompt's text) goes by a word at a time, several times faster per byte
+/// (the word test is [`super::json_out::specials`]).
+fn plain_len(rest: &[u8]) -> Option<usize> {
+    const BYTEWISE: usize = 16;
+    let head = rest.get(..BYTEWISE).unwrap_or(rest);
+    if let Some(i) = head.iter().position(|&c| SPECIAL[usize::from(c)]) {
+        return Some(i);
+    }
+    let mut at = head.len();
+    let mut words = rest[at..].chunks_exact(8);
+    for word in &mut words {
+        let Ok(word) = <[u8; 8]>::try_from(word) else {
+            break;
+        };
+        let flags = super::json_out::specials(u64::from_le_bytes(word));
+        if flags != 0 {
+            return Some(at + (flags.trailing_zeros() / 8) as usize);
+        }
+        at += 8;
+    }
+    let tail = words.remainder();
+    tail.iter()
+        .position(|&c| SPECIAL[usize::from(c)])
+        .map(|i| at + i)
+}
+
 /// serde_json's recursion limit: deeper documents are refused, not walked.
 const MAX_DEPTH: u32 = 128;
 
@@ -196,12 +225,8 @@ impl<'a> Walker<'a> {
         let start = self.i;
         let mut escaped = false;
         loop {
-            // Runs of plain bytes go by in one tight loop.
             let rest = self.b.get(self.i..).unwrap_or_default();
-            self.i += rest
-                .iter()
-                .position(|&c| SPECIAL[usize::from(c)])
-                .ok_or(Bad)?;
+            self.i += plain_len(rest).ok_or(Bad)?;
             match self.b[self.i] {
                 b'"' => {
                     let raw = &self.b[start..self.i];
@@ -271,6 +296,16 @@ impl<'a> Walker<'a> {
         Ok((start..self.i, s))
     }
 
+    /// `null` (none) or a boolean.
+    pub fn opt_bool(&mut self) -> Walked<Option<bool>> {
+        match self.peek() {
+            Some(b'n') => self.literal(b"null").map(|()| None),
+            Some(b't') => self.literal(b"true").map(|()| Some(true)),
+            Some(b'f') => self.literal(b"false").map(|()| Some(false)),
+            _ => Err(Bad),
+        }
+    }
+
     /// `null` or a string.
     pub fn opt_str(&mut self) -> Walked<Option<Cow<'a, str>>> {
         if self.null()? {
@@ -338,12 +373,24 @@ impl<'a> Walker<'a> {
     /// estimate counts them: strings count (decoded); arrays add up their
     /// elements; objects add up only the members whose key names text.
     pub fn text_len(&mut self) -> Walked<u64> {
+        self.text_len_of(true)
+    }
+
+    /// [`Walker::text_len`], refusing a number where it counts text. serde
+    /// reads such a number as a value, and refuses one out of `f64`'s
+    /// range (`1e400`), which the walker's grammar does not tell; a reader
+    /// that must refuse what serde refuses leaves those values to serde.
+    pub fn text_len_without_numbers(&mut self) -> Walked<u64> {
+        self.text_len_of(false)
+    }
+
+    fn text_len_of(&mut self, numbers: bool) -> Walked<u64> {
         match self.peek().ok_or(Bad)? {
             b'"' => Ok(self.str()?.len() as u64),
             b'[' => {
                 let mut n = 0;
                 self.array(|w| {
-                    n += w.text_len()?;
+                    n += w.text_len_of(numbers)?;
                     Ok(())
                 })?;
                 Ok(n)
@@ -353,7 +400,7 @@ impl<'a> Walker<'a> {
                 self.object(|w, k| {
                     let key = k.name()?;
                     if std::str::from_utf8(&key).is_ok_and(super::request::is_text_key) {
-                        n += w.text_len()?;
+                        n += w.text_len_of(numbers)?;
                         Ok(())
                     } else {
                         w.skip().map(drop)
@@ -361,6 +408,7 @@ impl<'a> Walker<'a> {
                 })?;
                 Ok(n)
             }
+            b'-' | b'0'..=b'9' if !numbers => Err(Bad),
             _ => self.skip().map(|_| 0),
         }
     }
@@ -484,6 +532,35 @@ mod tests {
     }
 
     #[test]
+    fn plain_runs_end_at_the_first_special_byte() {
+        let plain = |hay: &[u8]| hay.iter().position(|&c| SPECIAL[usize::from(c)]);
+        for len in 0..48 {
+            let mut hay = vec![b'a'; len];
+            assert_eq!(plain_len(&hay), None, "{len}");
+            for at in 0..len {
+                for special in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+                    hay[at] = special;
+                    assert_eq!(plain_len(&hay), Some(at), "{len} {at} {special}");
+                    // A second special byte above the first changes nothing.
+                    if let Some(above) = hay.get_mut(at + 3) {
+                        *above = b'"';
+                        assert_eq!(plain_len(&hay), Some(at));
+                        hay[at + 3] = b'a';
+                    }
+                    hay[at] = b'a';
+                }
+                // Bytes next to the special ones are plain.
+                for near in [0x20, b'!', b'#', b'[', b']', 0x7f, 0x80, 0xa2, 0xdc, 0xff] {
+                    hay[at] = near;
+                    assert_eq!(plain_len(&hay), None, "{len} {at} {near}");
+                }
+                hay[at] = b'a';
+            }
+            assert_eq!(plain_len(&hay), plain(&hay));
+        }
+    }
+
+    #[test]
     fn deep_documents_are_refused() {
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
         assert!(!valid(deep.as_bytes()));
@@ -601,6 +678,18 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn plain_len_agrees_with_a_byte_search(hay in prop::collection::vec(
+            // Mostly plain, so that runs reach the word loop.
+            prop_oneof![
+                30 => Just(b'a'),
+                1 => prop::sample::select(vec![b'"', b'\\', 0x00, 0x1f, 0x20, 0x5b, 0x5d, 0x7f, 0xa2, 0xdc, 0xff]),
+            ],
+            0..80,
+        )) {
+            prop_assert_eq!(plain_len(&hay), hay.iter().position(|&c| SPECIAL[usize::from(c)]));
+        }
+
         #[test]
         fn accepts_what_serde_accepts(doc in jsonish()) {
             prop_assert_eq!(
