@@ -172,6 +172,7 @@ mod tests {
             include_usage: false,
             has_stream_options: false,
             text_bytes: 42,
+            output_cap: Some(256),
         };
         put_request(&mut s, &r);
         assert_eq!(request(&s), Some(r));

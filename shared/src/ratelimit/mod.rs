@@ -41,7 +41,6 @@ use crate::wire::request::RequestFacts;
 use crate::wire::usage::estimate_tokens;
 use config::{Compiled, FailureMode, Kind, Limit, RateLimitConfig, Rule, Service};
 use counters::{Place, Refused};
-use serde::Deserialize;
 use std::cell::RefCell;
 use std::rc::Rc;
 use window::openai_duration;
@@ -174,29 +173,6 @@ impl Ask {
     pub fn tokens(&self) -> u64 {
         self.input.saturating_add(self.output)
     }
-}
-
-/// The output-token cap a request names, if it names a usable one.
-#[derive(Deserialize, Default)]
-struct OutputCap {
-    #[serde(default)]
-    max_tokens: Option<serde_json::Value>,
-    #[serde(default)]
-    max_completion_tokens: Option<serde_json::Value>,
-    #[serde(default)]
-    max_output_tokens: Option<serde_json::Value>,
-}
-
-/// The output cap from a request body: the first of `max_completion_tokens`,
-/// `max_tokens`, `max_output_tokens` that is a positive integer. Negative,
-/// fractional, absurd or absent values give `None` (the default applies; an
-/// absurd one is capped by the limit anyway).
-pub fn output_cap(body: &[u8]) -> Option<u64> {
-    let c: OutputCap = serde_json::from_slice(body).ok()?;
-    [c.max_completion_tokens, c.max_tokens, c.max_output_tokens]
-        .into_iter()
-        .flatten()
-        .find_map(|v| v.as_u64().filter(|n| *n > 0))
 }
 
 /// One limit as it stood for this request, for the headers and the 429.
@@ -878,7 +854,8 @@ impl Stage for RateLimitStage {
                         .unwrap_or(body.bytes().len() as u64),
                 ),
             };
-            let cap = output_cap(body.bytes());
+            // Read with the facts, in the same pass over the body.
+            let cap = facts.as_ref().and_then(|f| f.output_cap);
             self.ask = Ask {
                 input,
                 output: cap.unwrap_or(self.f.c.default_max_tokens),

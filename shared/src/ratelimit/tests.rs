@@ -235,6 +235,7 @@ fn a_large_default_is_capped_at_a_small_limit_and_bad_max_tokens_are_defaults() 
             "{bad}"
         );
     }
+    let output_cap = |body: &[u8]| crate::wire::request::parse(body).ok()?.output_cap;
     assert_eq!(output_cap(br#"{"max_tokens": 1e300}"#), None);
     assert_eq!(output_cap(br#"{"max_tokens": "12"}"#), None);
     assert_eq!(
