@@ -15,6 +15,7 @@
 //! each on its own line, so no body can collide with another scope's.
 
 use crate::wire::json_out::push_string;
+use crate::wire::request::TEXT_MEMBERS;
 use serde_json::Value;
 
 /// Top-level request members that do not change the answer: the same
@@ -30,9 +31,6 @@ pub const EXCLUDED: &[&str] = &[
     "safety_identifier",
     "prompt_cache_key",
 ];
-
-/// Members whose strings are prompt text (whitespace folding applies there).
-const TEXT_MEMBERS: &[&str] = &["messages", "prompt", "input", "system", "instructions"];
 
 /// A cache key: the BLAKE3 digest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -80,8 +80,10 @@ pub fn parse(body: &[u8]) -> Result<RequestFacts, serde_json::Error> {
     }
 }
 
-/// The members [`walked`] reads whose value counts as prompt text.
-const TEXT_MEMBERS: [&str; 5] = ["messages", "prompt", "input", "system", "instructions"];
+/// The top-level members whose value is prompt text (what the facts count,
+/// and where the cache key folds whitespace).
+pub(crate) const TEXT_MEMBERS: [&str; 5] =
+    ["messages", "prompt", "input", "system", "instructions"];
 
 /// The members that cap the answer's tokens, the first usable one winning.
 const CAP_MEMBERS: [&str; 3] = ["max_completion_tokens", "max_tokens", "max_output_tokens"];

@@ -40,7 +40,8 @@ const SPECIAL: [bool; 256] = {
     t
 };
 
-/// How many plain string bytes `rest` starts with (`None`: all of it).
+/// How many plain string bytes `rest` starts with (`None`: all of it is
+/// plain, the string does not end in it).
 /// The first bytes are tested one by one, since most strings of an event
 /// (keys, ids, a delta's few words) end within them; a longer run (a
 /// prompt's text) goes by a word at a time, several times faster per byte
