@@ -298,6 +298,13 @@ impl RequestBody {
         self.json_mut().map(|v| &*v)
     }
 
+    /// The document if a stage parsed it already (`Some(None)`: the body
+    /// is not JSON), so a stage that can read the bytes in place reads
+    /// the document instead when there is one.
+    pub fn parsed_json(&self) -> Option<Option<&serde_json::Value>> {
+        self.json.0.as_ref().map(Option::as_ref)
+    }
+
     /// The document, to change in place; [`RequestBody::commit_json`] then
     /// makes the bytes say what it says.
     pub fn json_mut(&mut self) -> Option<&mut serde_json::Value> {

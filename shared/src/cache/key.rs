@@ -14,9 +14,13 @@
 //! different questions. The scope, the API and the routed model come first,
 //! each on its own line, so no body can collide with another scope's.
 
+use crate::wire::decimal;
 use crate::wire::json_out::push_string;
 use crate::wire::request::TEXT_MEMBERS;
+use crate::wire::walk::{uint, Bad, Walked, Walker};
 use serde_json::Value;
+use std::borrow::Cow;
+use std::ops::Range;
 
 /// Top-level request members that do not change the answer: the same
 /// question asked streaming and not streaming, or by another end user of the
@@ -66,20 +70,223 @@ pub struct Context<'a> {
 
 /// The key of a request body (a JSON object).
 pub fn key(ctx: &Context<'_>, body: &serde_json::Map<String, Value>) -> Key {
-    let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(b"aigw-cache/2\n");
+    finish(ctx, &Request::of_value(body, ctx.fold_whitespace).form)
+}
+
+/// The key of a body's canonical form ([`Request::form`]).
+pub fn finish(ctx: &Context<'_>, form: &[u8]) -> Key {
+    let mut head = Vec::with_capacity(64);
+    head.extend_from_slice(b"aigw-cache/2\n");
     for part in [ctx.scope, ctx.api, ctx.routed_model.unwrap_or("")] {
         // Lengths first: no value can end early and start the next one.
-        out.extend_from_slice(part.len().to_string().as_bytes());
-        out.push(b':');
-        out.extend_from_slice(part.as_bytes());
-        out.push(b'\n');
+        head.extend_from_slice(decimal(part.len() as u64, &mut [0; 20]));
+        head.push(b':');
+        head.extend_from_slice(part.as_bytes());
+        head.push(b'\n');
     }
-    let members = body.iter().filter(|(k, _)| !EXCLUDED.contains(&k.as_str()));
-    write_object(&mut out, body, members, &|k| {
-        ctx.fold_whitespace && TEXT_MEMBERS.contains(&k)
-    });
-    Key(*blake3::hash(&out).as_bytes())
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&head);
+    hasher.update(form);
+    Key(*hasher.finalize().as_bytes())
+}
+
+/// What the cache reads of a request body: the canonical form its key
+/// hashes, and the members that decide whether it is cached at all.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    /// The body's members but the [`EXCLUDED`] ones, keys sorted at every
+    /// depth, prompt text folded when asked.
+    pub form: Vec<u8>,
+    /// `temperature`: 1 when absent or null, `None` when not a number.
+    pub temperature: Option<f64>,
+    /// Whether it offers tools: `tools` or `functions`, unless an empty list.
+    pub tools: bool,
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    pub model: Option<String>,
+}
+
+impl Request {
+    /// Read from the parsed document.
+    pub fn of_value(doc: &serde_json::Map<String, Value>, fold: bool) -> Request {
+        let mut form = Vec::with_capacity(256);
+        let members = doc.iter().filter(|(k, _)| !EXCLUDED.contains(&k.as_str()));
+        write_object(&mut form, doc, members, &|k| {
+            fold && TEXT_MEMBERS.contains(&k)
+        });
+        let has = |k: &str| {
+            doc.get(k)
+                .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()))
+        };
+        Request {
+            form,
+            temperature: match doc.get("temperature") {
+                None | Some(Value::Null) => Some(1.0),
+                Some(v) => v.as_f64(),
+            },
+            tools: has("tools") || has("functions"),
+            stream: doc.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            include_usage: doc
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            model: doc.get("model").and_then(Value::as_str).map(str::to_string),
+        }
+    }
+
+    /// Read in place, without building the document: the same as
+    /// [`Request::of_value`] of what serde parses, or `Err` where the
+    /// walker cannot be sure of that (a member written twice, which serde
+    /// keeps the last of; anything serde would refuse), and the caller
+    /// parses the body. The form is written as the members come and an
+    /// object put in key order only when it was not (a chat message's
+    /// `role` comes before its `content`).
+    pub fn walked(body: &[u8], fold: bool) -> Walked<Request> {
+        // Every string and key is read as serde reads it (its UTF-8 and
+        // escapes checked), so nothing serde refuses gets through.
+        let mut r = Request {
+            form: Vec::with_capacity(body.len()),
+            temperature: Some(1.0),
+            tools: false,
+            stream: false,
+            include_usage: false,
+            model: None,
+        };
+        let mut scratch = Vec::new();
+        Walker::document(body, |w| {
+            walk_object(w, &mut r.form, |w, name, out| {
+                if EXCLUDED.contains(&name) {
+                    // Not in the key, but read as serde reads them.
+                    scratch.clear();
+                    walk_value(w, &mut scratch, false)?;
+                    match name {
+                        "stream" => r.stream = scratch == b"true",
+                        "stream_options" if scratch.starts_with(b"{") => {
+                            let o: Value = serde_json::from_slice(&scratch).map_err(|_| Bad)?;
+                            r.include_usage = o.get("include_usage") == Some(&Value::Bool(true));
+                        }
+                        "stream_options" => r.include_usage = false,
+                        _ => {}
+                    }
+                    return Ok(false);
+                }
+                push_string(out, name);
+                out.push(b':');
+                let at = out.len();
+                walk_value(w, out, fold && TEXT_MEMBERS.contains(&name))?;
+                let v = &out[at..];
+                match name {
+                    "temperature" if v == b"null" => r.temperature = Some(1.0),
+                    "temperature" => {
+                        r.temperature = serde_json::from_slice::<serde_json::Number>(v)
+                            .ok()
+                            .and_then(|n| n.as_f64());
+                    }
+                    "tools" | "functions" => r.tools |= v != b"[]",
+                    "model" => {
+                        r.model = serde_json::from_slice::<String>(v).ok();
+                    }
+                    _ => {}
+                }
+                Ok(true)
+            })
+        })?;
+        Ok(r)
+    }
+}
+
+/// Writes the object at the walker: `member` writes a member (`"key":value`)
+/// and says whether it did. Members are written as they come, then put in
+/// key order if they were not; a key written twice is refused.
+fn walk_object<'a>(
+    w: &mut Walker<'a>,
+    out: &mut Vec<u8>,
+    mut member: impl FnMut(&mut Walker<'a>, &str, &mut Vec<u8>) -> Walked<bool>,
+) -> Walked<()> {
+    let start = out.len();
+    out.push(b'{');
+    // Each key, and the bytes its member was written to (empty: left out).
+    let mut members: Vec<(Cow<'a, [u8]>, Range<usize>)> = Vec::new();
+    let mut written = 0;
+    w.object(|w, k| {
+        let name = k.name()?;
+        let text = std::str::from_utf8(&name).map_err(|_| Bad)?;
+        let comma = out.len();
+        if written > 0 {
+            out.push(b',');
+        }
+        let from = out.len();
+        let range = if member(w, text, out)? {
+            written += 1;
+            from..out.len()
+        } else {
+            out.truncate(comma);
+            from..from
+        };
+        members.push((name, range));
+        Ok(())
+    })?;
+    if !members.windows(2).all(|p| p[0].0 < p[1].0) {
+        members.sort_by(|a, b| a.0.cmp(&b.0));
+        if members.windows(2).any(|p| p[0].0 == p[1].0) {
+            return Err(Bad);
+        }
+        let as_written = out.split_off(start + 1);
+        let mut first = true;
+        for (_, r) in members.iter().filter(|(_, r)| !r.is_empty()) {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            let r = r.start - start - 1..r.end - start - 1;
+            out.extend_from_slice(&as_written[r]);
+        }
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+/// Writes the value at the walker in canonical form, as [`write_value`]
+/// writes the value serde parses of it.
+fn walk_value(w: &mut Walker<'_>, out: &mut Vec<u8>, fold: bool) -> Walked<()> {
+    if w.is_object() {
+        return walk_object(w, out, |w, name, out| {
+            push_string(out, name);
+            out.push(b':');
+            walk_value(w, out, fold).map(|()| true)
+        });
+    }
+    if w.is_array() {
+        out.push(b'[');
+        let mut first = true;
+        w.array(|w| {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            walk_value(w, out, fold)
+        })?;
+        out.push(b']');
+        return Ok(());
+    }
+    if w.is_str() {
+        let s = w.str()?;
+        push_string(out, if fold { Cow::Owned(fold_ws(&s)) } else { s }.as_ref());
+        return Ok(());
+    }
+    let token = w.skip()?;
+    match token {
+        b"null" | b"true" | b"false" => out.extend_from_slice(token),
+        // An integer that fits a u64 is written as serde writes it: as is.
+        _ if uint(token).is_some() => out.extend_from_slice(token),
+        _ => {
+            let n: serde_json::Number = serde_json::from_slice(token).map_err(|_| Bad)?;
+            out.extend_from_slice(n.to_string().as_bytes());
+        }
+    }
+    Ok(())
 }
 
 /// Writes `members` (of `o`) sorted by their keys' bytes, each value folded
@@ -152,6 +359,7 @@ fn fold_ws(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn k(scope: &str, body: &str, fold: bool) -> Key {
         let v: Value = serde_json::from_str(body).unwrap();
@@ -251,5 +459,170 @@ mod tests {
             r#"{"a":null,"b":{"x":[{"c":"é","d":2}],"y":1}}"#
         );
         assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+    }
+
+    #[test]
+    fn the_hashed_bytes_are_the_stored_format() {
+        // Entries already stored (shared data, Redis) are found again only
+        // while these bytes stay the same.
+        let preimage = concat!(
+            "aigw-cache/2\n5:alice\n11:chat/openai\n0:\n",
+            r#"{"messages":[{"content":"hi there","role":"user"}],"model":"gpt-4o","temperature":0}"#
+        );
+        let want = Key(*blake3::hash(preimage.as_bytes()).as_bytes());
+        assert_eq!(k("alice", BASE, false), want);
+        let walked = Request::walked(BASE.as_bytes(), false).unwrap();
+        let ctx = Context {
+            scope: "alice",
+            api: "chat/openai",
+            ..Context::default()
+        };
+        assert_eq!(finish(&ctx, &walked.form), want);
+    }
+
+    fn both(body: &[u8], fold: bool) -> (Walked<Request>, Option<Request>) {
+        let parsed = match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(doc)) => Some(Request::of_value(&doc, fold)),
+            _ => None,
+        };
+        (Request::walked(body, fold), parsed)
+    }
+
+    #[test]
+    fn the_walker_reads_the_bodies_clients_send() {
+        for body in [
+            BASE,
+            r#"{"model":"gpt-4o","temperature":0.7,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"system","content":"Be  brief."},{"role":"user","content":[{"type":"text","text":"caf\u00e9 \ud83d\ude00\n\"q\""}]}]}"#,
+            r#"{"model":"gpt-4o","tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{}}}}],"tool_choice":"auto","messages":[]}"#,
+            r#"{"model":"m","tools":[],"functions":null,"stream":false,"stream_options":null,"user":"u","metadata":{"a":"b"},"messages":[]}"#,
+            r#"{"prompt":["a  b","c"],"max_tokens":16,"seed":-3,"n":1,"logit_bias":{"50256":-100},"top_p":1.0,"x":1e5,"y":-0,"z":18446744073709551616,"w":-9223372036854775809,"v":0.1e-2}"#,
+            r#"{"model":"claude","system":"  be\tkind ","max_tokens":1024,"temperature":null,"messages":[{"content":"hi","role":"user"}]}"#,
+            r#"{"model":"gpt-4.1","instructions":"x","input":[{"role":"user","content":[{"type":"input_text","text":"hi"}]}],"stream":1}"#,
+            " {\"model\" : \"gpt-4o\",\n \"temperature\": \"hot\", \"é\": 1, \"\\u00e8\": 2, \"messages\": [ ] } ",
+        ] {
+            for fold in [false, true] {
+                let (walked, parsed) = both(body.as_bytes(), fold);
+                assert_eq!(walked.ok(), parsed, "{body} fold {fold}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_member_written_twice_is_left_to_serde() {
+        for body in [
+            r#"{"model":"a","model":"b"}"#,
+            r#"{"stream":true,"messages":[],"stream":false}"#,
+            r#"{"a":1,"\u0061":2}"#,
+            r#"{"messages":[{"role":"user","content":"x","role":"system"}]}"#,
+            r#"{"stream_options":{"include_usage":true,"include_usage":false}}"#,
+        ] {
+            assert_eq!(Request::walked(body.as_bytes(), false), Err(Bad), "{body}");
+            assert!(serde_json::from_slice::<Value>(body.as_bytes()).is_ok());
+        }
+        // What serde refuses, the walker refuses too.
+        for body in [
+            &br#"{"user":"\ud800"}"#[..],
+            br#"{"x":1e400}"#,
+            b"{\"x\":\"\xff\"}",
+            br#"[{"model":"m"}]"#,
+            br#"{"model":"m"} x"#,
+        ] {
+            assert_eq!(both(body, false), (Err(Bad), None));
+        }
+    }
+
+    /// Request bodies: members the cache reads or folds, and others, with
+    /// values of every kind (nested objects out of order, numbers in every
+    /// form, escapes, runs of whitespace), now and then twice, broken or
+    /// cut short.
+    fn bodies() -> impl Strategy<Value = Vec<u8>> {
+        let atom = prop_oneof![
+            Just(&b"null"[..]),
+            Just(&b"true"[..]),
+            Just(&b"false"[..]),
+            Just(&b"0"[..]),
+            Just(&b"-0"[..]),
+            Just(&b"17"[..]),
+            Just(&b"-4"[..]),
+            Just(&b"0.7"[..]),
+            Just(&b"1.0"[..]),
+            Just(&b"-1.5E3"[..]),
+            Just(&b"1e400"[..]),
+            Just(&b"18446744073709551616"[..]),
+            Just(&br#""gpt-4o""#[..]),
+            Just(&br#"" a \t b  c\n""#[..]),
+            Just(&br#""caf\u00e9\/\"""#[..]),
+            Just(&br#""\ud83d\ude00""#[..]),
+            Just(&br#""\ud800""#[..]),
+            Just(&b"\"\xff\""[..]),
+            Just(&b"\"\xc3\xa9 \xe2\x80\x83x\""[..]),
+        ]
+        .prop_map(<[u8]>::to_vec);
+        let value = atom.prop_recursive(3, 24, 4, |inner| {
+            let key = prop_oneof![
+                Just(&b"\"role\""[..]),
+                Just(&b"\"content\""[..]),
+                Just(&b"\"text\""[..]),
+                Just(&b"\"include_usage\""[..]),
+                Just(&b"\"b\""[..]),
+                Just(&br#""\u0062""#[..]),
+                Just(&b"\"\xc3\xa9\""[..]),
+            ];
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(|v| [
+                    &b"[ "[..],
+                    &v.join(&b", "[..]),
+                    b"]"
+                ]
+                .concat()),
+                prop::collection::vec((key, inner), 0..4).prop_map(|v| {
+                    let m: Vec<Vec<u8>> = v
+                        .into_iter()
+                        .map(|(k, x)| [k, b" :", &x].concat())
+                        .collect();
+                    [&b"{"[..], &m.join(&b","[..]), b"}"].concat()
+                }),
+            ]
+        });
+        let name = prop_oneof![
+            Just(&b"\"model\""[..]),
+            Just(&b"\"messages\""[..]),
+            Just(&b"\"prompt\""[..]),
+            Just(&b"\"input\""[..]),
+            Just(&b"\"system\""[..]),
+            Just(&b"\"temperature\""[..]),
+            Just(&b"\"tools\""[..]),
+            Just(&b"\"functions\""[..]),
+            Just(&b"\"stream\""[..]),
+            Just(&b"\"stream_options\""[..]),
+            Just(&b"\"user\""[..]),
+            Just(&b"\"seed\""[..]),
+            Just(&br#""str\u0065am""#[..]),
+        ];
+        (
+            prop::collection::vec((name, value), 0..6),
+            any::<u8>(),
+            any::<usize>(),
+        )
+            .prop_map(|(members, b, at)| {
+                let m: Vec<Vec<u8>> = members
+                    .into_iter()
+                    .map(|(k, x)| [k, b":", &x].concat())
+                    .collect();
+                let doc = [&b"{"[..], &m.join(&b","[..]), b"}"].concat();
+                crate::wire::walk::sometimes_broken(doc, b, at)
+            })
+    }
+
+    proptest! {
+        /// Where the walker answers, its answer is what the parsed
+        /// document says, form and key alike.
+        #[test]
+        fn the_walker_reads_as_serde_reads(body in bodies(), fold in any::<bool>()) {
+            let (walked, parsed) = both(&body, fold);
+            if let Ok(walked) = walked {
+                prop_assert_eq!(Some(walked), parsed);
+            }
+        }
     }
 }

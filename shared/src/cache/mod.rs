@@ -487,26 +487,28 @@ impl CacheStage {
             return None;
         }
         // Invalid UTF-8 or anything but a JSON object: not ours to cache.
-        let Some(Value::Object(doc)) = body.json() else {
-            return None;
+        // The document another stage parsed is read if there is one (the
+        // bundle's screen parses it), else the bytes in place, else (a
+        // member written twice, a body serde may refuse) serde's reading.
+        let fold = self.cache.fold_whitespace;
+        let read = match body.parsed_json() {
+            Some(Some(Value::Object(doc))) => key::Request::of_value(doc, fold),
+            Some(_) => return None,
+            None => match key::Request::walked(body.bytes(), fold) {
+                Ok(read) => read,
+                Err(_) => match body.json() {
+                    Some(Value::Object(doc)) => key::Request::of_value(doc, fold),
+                    _ => return None,
+                },
+            },
         };
         if let Some(max) = self.cache.max_temperature {
-            let t = match doc.get("temperature") {
-                None | Some(Value::Null) => 1.0,
-                Some(v) => v.as_f64()?,
-            };
-            if t > max {
+            if read.temperature? > max {
                 return None;
             }
         }
-        if self.cache.skip_with_tools {
-            let has = |k: &str| {
-                doc.get(k)
-                    .is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty()))
-            };
-            if has("tools") || has("functions") {
-                return None;
-            }
+        if self.cache.skip_with_tools && read.tools {
+            return None;
         }
         let scope = self.scope(env, headers)?;
         let api_name = format!(
@@ -520,20 +522,11 @@ impl CacheStage {
             scope: &scope,
             api: &api_name,
             routed_model: routed.as_deref(),
-            fold_whitespace: self.cache.fold_whitespace,
+            fold_whitespace: fold,
         };
-        let key = key::key(&ctx, doc);
-        let stream = doc.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let include_usage = doc
-            .get("stream_options")
-            .and_then(|o| o.get("include_usage"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let model = doc
-            .get("model")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .or_else(|| api.deployment.clone());
+        let key = key::finish(&ctx, &read.form);
+        let (stream, include_usage) = (read.stream, read.include_usage);
+        let model = read.model.or_else(|| api.deployment.clone());
         Some(Asked {
             key,
             stream,

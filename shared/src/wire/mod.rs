@@ -27,7 +27,7 @@ pub fn push_decimal(out: &mut String, n: u64) {
 }
 
 /// `n`'s decimal digits, written into the end of `digits`.
-fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;

@@ -471,7 +471,13 @@ pub(crate) fn objects_sometimes_broken(
 /// cut off (`b` and `at` choose how).
 #[cfg(test)]
 fn object_sometimes_broken(members: &[String], b: u8, at: usize) -> Vec<u8> {
-    let mut doc = format!("{{{}}}", members.join(",")).into_bytes();
+    sometimes_broken(format!("{{{}}}", members.join(",")).into_bytes(), b, at)
+}
+
+/// A document, one time in four broken: a byte changed or the rest cut
+/// off (`b` and `at` choose how).
+#[cfg(test)]
+pub(crate) fn sometimes_broken(mut doc: Vec<u8>, b: u8, at: usize) -> Vec<u8> {
     match b % 8 {
         0 => doc.truncate(at % doc.len()),
         1 => {
