@@ -37,7 +37,6 @@ use crate::stage::{
     DEFAULT_MAX_BODY,
 };
 use crate::wire::api::{self, Api};
-use crate::wire::json_out::push_string;
 use crate::wire::usage::estimate_tokens;
 use crate::wire::walk::Walked;
 use config::{Compiled, Redaction};
@@ -157,20 +156,14 @@ impl Screen {
         // Every text is found before any is screened, so an answer that
         // turns out not to be JSON is not tallied twice (here, then as text).
         let texts = body::answer_text_spans(bytes)?;
-        let mut out: Option<Vec<u8>> = None;
-        let mut at = 0;
-        for (span, text) in texts {
-            if let Some(new) = self.screen_text(&text, Direction::Response, tally) {
-                let o = out.get_or_insert_with(|| Vec::with_capacity(bytes.len() + 64));
-                o.extend_from_slice(&bytes[at..span.start]);
-                push_string(o, &new);
-                at = span.end;
-            }
-        }
-        Ok(out.map(|mut o| {
-            o.extend_from_slice(&bytes[at..]);
-            o
-        }))
+        let changes: Vec<_> = texts
+            .into_iter()
+            .filter_map(|(span, text)| {
+                let new = self.screen_text(&text, Direction::Response, tally)?;
+                Some((span, new))
+            })
+            .collect();
+        Ok((!changes.is_empty()).then(|| body::rewrite(bytes, changes)))
     }
 
     /// Screens every answer text of a JSON value; whether any changed.
@@ -264,6 +257,11 @@ enum Answer {
     Sse(Box<SseScreen>),
 }
 
+/// A request's texts: called with the screening function (a text's role
+/// and text in, its redacted form out), it hands it every text and answers
+/// the number of messages.
+type RequestTexts<'a> = &'a mut dyn FnMut(&mut dyn FnMut(&str, &str) -> Option<String>) -> usize;
+
 /// The screen's work on one request.
 pub struct ScreenStage {
     screen: Rc<Screen>,
@@ -311,16 +309,18 @@ impl ScreenStage {
     }
 
     /// Screens the prompt texts of a parsed body; what to do next.
-    fn screen_request(&mut self, env: &mut Env<'_>, v: &mut Value) -> (Step, bool) {
+    /// Screens the request's texts, which `texts` hands to the screening
+    /// function with their roles (it answers a text's redacted form) and
+    /// counts the messages of.
+    fn screen_request(&mut self, env: &mut Env<'_>, texts: RequestTexts<'_>) -> Step {
         let screen = Rc::clone(&self.screen);
         let c = &screen.c;
         let mut text_bytes = 0u64;
-        let mut changed = false;
         let mut injection: Vec<&'static str> = Vec::new();
         let tally = &mut self.tally;
         let prompt = &mut self.prompt;
         let moderated = c.moderation.is_some();
-        let messages = body::request_texts(v, &mut |role, s| {
+        let messages = texts(&mut |role, s| {
             text_bytes += s.len() as u64;
             let scored = c
                 .injection
@@ -328,7 +328,7 @@ impl ScreenStage {
                 .filter(|(_, _, roles)| roles.iter().any(|r| r == role));
             let screened = c.roles.iter().any(|r| r == role);
             if s.is_empty() || (scored.is_none() && !screened) {
-                return;
+                return None;
             }
             let n = Normalized::new(s);
             if let Some((inj, _, _)) = scored {
@@ -337,24 +337,21 @@ impl ScreenStage {
                     injection.extend(score.rules);
                 }
             }
-            if screened {
-                let new = screen.screen_normalized(s, &n, Direction::Request, tally);
-                drop(n);
-                if let Some(new) = new {
-                    *s = new;
-                    changed = true;
-                }
-                if moderated {
-                    // Redacted first: the service never sees what was redacted.
-                    prompt.push_str(s);
-                    prompt.push('\n');
-                }
+            if !screened {
+                return None;
             }
+            let new = screen.screen_normalized(s, &n, Direction::Request, tally);
+            if moderated {
+                // Redacted first: the service never sees what was redacted.
+                prompt.push_str(new.as_deref().unwrap_or(s));
+                prompt.push('\n');
+            }
+            new
         });
         if let Some(max) = c.max_messages {
             if messages > max {
                 let msg = format!("the request has {messages} messages; the limit is {max}");
-                return (self.block(env, 400, "context_length_exceeded", &msg), false);
+                return self.block(env, 400, "context_length_exceeded", &msg);
             }
         }
         if let Some(max) = c.max_prompt_tokens {
@@ -363,7 +360,7 @@ impl ScreenStage {
                 let msg = format!(
                     "the prompt is about {tokens} tokens; the limit is {max} (estimated at 4 bytes a token)"
                 );
-                return (self.block(env, 400, "context_length_exceeded", &msg), false);
+                return self.block(env, 400, "context_length_exceeded", &msg);
             }
         }
         if let Some((_, action, _)) = &c.injection {
@@ -378,9 +375,9 @@ impl ScreenStage {
         }
         if !self.tally.blocked.is_empty() {
             let msg = format!("content-screen blocked the request: {}", self.tally.names());
-            return (self.block(env, 400, "content_filter", &msg), false);
+            return self.block(env, 400, "content_filter", &msg);
         }
-        (Step::Continue, changed)
+        Step::Continue
     }
 
     /// Acts on the moderation service's verdict.
@@ -495,24 +492,64 @@ impl Stage for ScreenStage {
         if body.bytes().iter().all(u8::is_ascii_whitespace) {
             return Step::Continue;
         }
-        let Some(v) = body.json_mut() else {
-            // What cannot be read cannot be screened, and an upstream more
-            // lenient than serde_json (a lone surrogate escape, say) would
-            // read text that was never looked at: refuse it.
-            self.publish(env, "block");
-            return Step::Reply(Reply::error(
-                400,
-                "invalid_request_error",
-                "invalid_json",
-                "content-screen could not read the request body as JSON",
-            ));
+        // Read in place unless another stage parsed the document already
+        // (or the walker cannot be sure of the body: then serde reads it).
+        // A redacted text is written over its old bytes; every other byte
+        // of the body stays as the client sent it.
+        let in_place = match body.parsed_json() {
+            Some(_) => None,
+            None => body::request_text_spans(body.bytes())
+                .ok()
+                .map(|(spoken, count)| {
+                    let mut changes = Vec::new();
+                    let step = self.screen_request(env, &mut |screen| {
+                        for t in &spoken {
+                            if let Some(new) = screen(&t.role, &t.text) {
+                                changes.push((t.span.clone(), new));
+                            }
+                        }
+                        count
+                    });
+                    changes.sort_by_key(|(span, _)| span.start);
+                    let new = (!changes.is_empty()).then(|| body::rewrite(body.bytes(), changes));
+                    (step, new)
+                }),
         };
-        let (step, changed) = self.screen_request(env, v);
-        if step != Step::Continue {
-            return step;
-        }
-        if changed {
-            body.commit_json();
+        if let Some((step, new)) = in_place {
+            if step != Step::Continue {
+                return step;
+            }
+            if let Some(new) = new {
+                body.replace(new);
+            }
+        } else {
+            let Some(v) = body.json_mut() else {
+                // What cannot be read cannot be screened, and an upstream more
+                // lenient than serde_json (a lone surrogate escape, say) would
+                // read text that was never looked at: refuse it.
+                self.publish(env, "block");
+                return Step::Reply(Reply::error(
+                    400,
+                    "invalid_request_error",
+                    "invalid_json",
+                    "content-screen could not read the request body as JSON",
+                ));
+            };
+            let mut changed = false;
+            let step = self.screen_request(env, &mut |screen| {
+                body::request_texts(v, &mut |role, s| {
+                    if let Some(new) = screen(role, s) {
+                        *s = new;
+                        changed = true;
+                    }
+                })
+            });
+            if step != Step::Continue {
+                return step;
+            }
+            if changed {
+                body.commit_json();
+            }
         }
         if let Some(m) = &self.screen.c.moderation {
             if !self.prompt.trim().is_empty() {

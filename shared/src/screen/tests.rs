@@ -799,11 +799,43 @@ fn a_long_run_of_word_characters_is_not_held_whole() {
 }
 
 #[test]
+fn a_redacted_request_keeps_every_byte_but_the_texts_it_rewrites() {
+    let s = screen(DEMO);
+    let body = concat!(
+        r#"{ "stream": false, "messages": [ {"content": "mail bob@corp.io", "role": "user"},"#,
+        r#" {"role":"assistant","content":"ok \u00e9\/"} ], "model" : "m", "metadata": {"to": "bob@corp.io"} }"#
+    );
+    let (out, _) = run(&s, &Exchange::post(CHAT, body));
+    let up = out.upstream.unwrap();
+    let want = body.replace(r#""mail bob@corp.io""#, r#""mail [EMAIL]""#);
+    assert_eq!(String::from_utf8(up.body).unwrap(), want);
+
+    // Texts are screened in the parsed reader's order (messages before
+    // system) and written in the body's.
+    let body = r#"{"system":"ann@corp.io","messages":[{"role":"user","content":"bob@corp.io"}]}"#;
+    let (out, _) = run(&s, &Exchange::post(CHAT, body));
+    assert_eq!(
+        String::from_utf8(out.upstream.unwrap().body).unwrap(),
+        r#"{"system":"[EMAIL]","messages":[{"role":"user","content":"[EMAIL]"}]}"#
+    );
+
+    // A member written twice is left to serde, which reads the last.
+    let twice = r#"{"messages":[{"role":"user","content":"x"}],"messages":[{"role":"user","content":"mail bob@corp.io"}]}"#;
+    let (out, _) = run(&s, &Exchange::post(CHAT, twice));
+    let v: Value = serde_json::from_slice(&out.upstream.unwrap().body).unwrap();
+    assert_eq!(v["messages"][0]["content"], "mail [EMAIL]");
+}
+
+#[test]
 fn a_body_that_cannot_be_read_is_refused_not_passed_unscreened() {
     let s = screen(DEMO);
     for body in [
         "{not json",
         r#"{"messages":[{"role":"user","content":"\ud800 ssn 123-45-6789"}]}"#,
+        // Refused wherever it is, as serde refuses it: unscreened members
+        // reach the upstream too.
+        r#"{"user":"\ud800","messages":[{"role":"user","content":"ssn 123-45-6789"}]}"#,
+        r#"{"seed":1e400,"messages":[{"role":"user","content":"ssn 123-45-6789"}]}"#,
     ] {
         let (out, _) = run(&s, &Exchange::post(CHAT, body));
         assert_eq!(out.client_status, 400, "{body}");
