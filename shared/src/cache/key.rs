@@ -156,7 +156,8 @@ impl Request {
         };
         let mut scratch = Vec::new();
         Walker::document(body, |w| {
-            walk_object(w, &mut r.form, |w, name, out| {
+            walk_object(w, &mut r.form, |w, key, out| {
+                let name = key.text;
                 if EXCLUDED.contains(&name) {
                     // Not in the key, but read as serde reads them.
                     scratch.clear();
@@ -172,7 +173,7 @@ impl Request {
                     }
                     return Ok(false);
                 }
-                push_string(out, name);
+                push_as_serde(out, name, key.written);
                 out.push(b':');
                 let at = out.len();
                 walk_value(w, out, fold && TEXT_MEMBERS.contains(&name))?;
@@ -203,7 +204,7 @@ impl Request {
 fn walk_object<'a>(
     w: &mut Walker<'a>,
     out: &mut Vec<u8>,
-    mut member: impl FnMut(&mut Walker<'a>, &str, &mut Vec<u8>) -> Walked<bool>,
+    mut member: impl FnMut(&mut Walker<'a>, Name<'_>, &mut Vec<u8>) -> Walked<bool>,
 ) -> Walked<()> {
     let start = out.len();
     out.push(b'{');
@@ -212,7 +213,10 @@ fn walk_object<'a>(
     let mut written = 0;
     w.object(|w, k| {
         let name = k.name()?;
-        let text = std::str::from_utf8(&name).map_err(|_| Bad)?;
+        let text = Name {
+            text: std::str::from_utf8(&name).map_err(|_| Bad)?,
+            written: matches!(name, Cow::Borrowed(_)),
+        };
         let comma = out.len();
         if written > 0 {
             out.push(b',');
@@ -248,12 +252,32 @@ fn walk_object<'a>(
     Ok(())
 }
 
+/// A key as [`walk_object`] hands it to a member's writer: its text, and
+/// whether it is written as it reads ([`Walker::str_written`]).
+#[derive(Clone, Copy)]
+struct Name<'n> {
+    text: &'n str,
+    written: bool,
+}
+
+/// Writes `s` as serde writes it. A string written as it reads holds no
+/// byte serde escapes, so its bytes go as they are, quoted.
+fn push_as_serde(out: &mut Vec<u8>, s: &str, written: bool) {
+    if written {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        push_string(out, s);
+    }
+}
+
 /// Writes the value at the walker in canonical form, as [`write_value`]
 /// writes the value serde parses of it.
 fn walk_value(w: &mut Walker<'_>, out: &mut Vec<u8>, fold: bool) -> Walked<()> {
     if w.is_object() {
         return walk_object(w, out, |w, name, out| {
-            push_string(out, name);
+            push_as_serde(out, name.text, name.written);
             out.push(b':');
             walk_value(w, out, fold).map(|()| true)
         });
@@ -272,8 +296,10 @@ fn walk_value(w: &mut Walker<'_>, out: &mut Vec<u8>, fold: bool) -> Walked<()> {
         return Ok(());
     }
     if w.is_str() {
-        let s = w.str()?;
-        push_string(out, if fold { Cow::Owned(fold_ws(&s)) } else { s }.as_ref());
+        match w.str_written()? {
+            (s, _) if fold => push_string(out, &fold_ws(&s)),
+            (s, written) => push_as_serde(out, &s, written),
+        }
         return Ok(());
     }
     let token = w.skip()?;
@@ -556,6 +582,7 @@ mod tests {
             Just(&br#""\ud800""#[..]),
             Just(&b"\"\xff\""[..]),
             Just(&b"\"\xc3\xa9 \xe2\x80\x83x\""[..]),
+            Just(&b"\"\x7f \xe2\x80\xa8 /\""[..]),
         ]
         .prop_map(<[u8]>::to_vec);
         let value = atom.prop_recursive(3, 24, 4, |inner| {
@@ -566,6 +593,7 @@ mod tests {
                 Just(&b"\"include_usage\""[..]),
                 Just(&b"\"b\""[..]),
                 Just(&br#""\u0062""#[..]),
+                Just(&br#""k\"\n""#[..]),
                 Just(&b"\"\xc3\xa9\""[..]),
             ];
             prop_oneof![
