@@ -488,8 +488,9 @@ impl CacheStage {
         }
         // Invalid UTF-8 or anything but a JSON object: not ours to cache.
         // The document another stage parsed is read if there is one (the
-        // bundle's screen parses it), else the bytes in place, else (a
-        // member written twice, a body serde may refuse) serde's reading.
+        // bundle's screen, when it could not read the bytes in place), else
+        // the bytes in place, else (a member written twice, a body serde
+        // may refuse) serde's reading.
         let fold = self.cache.fold_whitespace;
         let read = match body.parsed_json() {
             Some(Some(Value::Object(doc))) => key::Request::of_value(doc, fold),

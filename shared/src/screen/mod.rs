@@ -308,10 +308,9 @@ impl ScreenStage {
         self.screen.c.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY)
     }
 
-    /// Screens the prompt texts of a parsed body; what to do next.
     /// Screens the request's texts, which `texts` hands to the screening
     /// function with their roles (it answers a text's redacted form) and
-    /// counts the messages of.
+    /// counts the messages of; what to do next.
     fn screen_request(&mut self, env: &mut Env<'_>, texts: RequestTexts<'_>) -> Step {
         let screen = Rc::clone(&self.screen);
         let c = &screen.c;
