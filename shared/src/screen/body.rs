@@ -174,7 +174,7 @@ pub fn request_text_spans(bytes: &[u8]) -> Walked<(Vec<Spoken<'_>>, usize)> {
                 Speaker::Is(r) => Cow::Borrowed(r),
                 Speaker::Named(r) => r,
                 // Only a message's content speaks as the message, and
-                // `message` names it.
+                // `message_at` names it.
                 Speaker::Message => Cow::Borrowed("user"),
             },
             span,
