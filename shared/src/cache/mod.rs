@@ -523,7 +523,6 @@ impl CacheStage {
             scope: &scope,
             api: &api_name,
             routed_model: routed.as_deref(),
-            fold_whitespace: fold,
         };
         let key = key::finish(&ctx, &read.form);
         let (stream, include_usage) = (read.stream, read.include_usage);
