@@ -164,17 +164,19 @@ impl Request {
                     walk_value(w, &mut scratch, false)?;
                     match name {
                         "stream" => r.stream = scratch == b"true",
-                        "stream_options" if scratch.starts_with(b"{") => {
-                            let o: Value = serde_json::from_slice(&scratch).map_err(|_| Bad)?;
-                            r.include_usage = o.get("include_usage") == Some(&Value::Bool(true));
-                        }
-                        "stream_options" => r.include_usage = false,
+                        "stream_options" => r.include_usage = include_usage(&scratch),
                         _ => {}
                     }
                     return Ok(false);
                 }
                 push_as_serde(out, name, key.written);
                 out.push(b':');
+                if name == "model" && w.is_str() {
+                    let (s, written) = w.str_written()?;
+                    push_as_serde(out, &s, written);
+                    r.model = Some(s.into_owned());
+                    return Ok(true);
+                }
                 let at = out.len();
                 walk_value(w, out, fold && TEXT_MEMBERS.contains(&name))?;
                 let v = &out[at..];
@@ -186,9 +188,6 @@ impl Request {
                             .and_then(|n| n.as_f64());
                     }
                     "tools" | "functions" => r.tools |= v != b"[]",
-                    "model" => {
-                        r.model = serde_json::from_slice::<String>(v).ok();
-                    }
                     _ => {}
                 }
                 Ok(true)
@@ -196,6 +195,26 @@ impl Request {
         })?;
         Ok(r)
     }
+}
+
+/// Whether `stream_options`, in the form [`walk_value`] wrote (its keys
+/// unique), says `"include_usage": true`.
+fn include_usage(form: &[u8]) -> bool {
+    let read = Walker::document(form, |w| {
+        if !w.is_object() {
+            return w.skip().map(|_| false);
+        }
+        let mut on = false;
+        w.object(|w, k| {
+            let v = w.skip()?;
+            if &*k.name()? == b"include_usage" {
+                on = v == b"true";
+            }
+            Ok(())
+        })?;
+        Ok(on)
+    });
+    read.unwrap_or(false)
 }
 
 /// Writes the object at the walker: `member` writes a member (`"key":value`)
@@ -519,6 +538,8 @@ mod tests {
             r#"{"model":"gpt-4o","temperature":0.7,"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"system","content":"Be  brief."},{"role":"user","content":[{"type":"text","text":"caf\u00e9 \ud83d\ude00\n\"q\""}]}]}"#,
             r#"{"model":"gpt-4o","tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object","properties":{}}}}],"tool_choice":"auto","messages":[]}"#,
             r#"{"model":"m","tools":[],"functions":null,"stream":false,"stream_options":null,"user":"u","metadata":{"a":"b"},"messages":[]}"#,
+            r#"{"model":7,"stream":true,"stream_options":{"x":{"include_usage":true},"include_usage":1},"messages":[]}"#,
+            r#"{"stream_options":{"include_usage":null},"stream":"yes","messages":[]}"#,
             r#"{"prompt":["a  b","c"],"max_tokens":16,"seed":-3,"n":1,"logit_bias":{"50256":-100},"top_p":1.0,"x":1e5,"y":-0,"z":18446744073709551616,"w":-9223372036854775809,"v":0.1e-2}"#,
             r#"{"model":"claude","system":"  be\tkind ","max_tokens":1024,"temperature":null,"messages":[{"content":"hi","role":"user"}]}"#,
             r#"{"model":"gpt-4.1","instructions":"x","input":[{"role":"user","content":[{"type":"input_text","text":"hi"}]}],"stream":1}"#,
