@@ -137,10 +137,7 @@ pub fn request_text_spans(bytes: &[u8]) -> Walked<(Vec<Spoken<'_>>, usize)> {
                 b"instructions" => 2,
                 b"prompt" => 3,
                 b"input" => 4,
-                other => {
-                    std::str::from_utf8(other).map_err(|_| Bad)?;
-                    return w.skip_checked();
-                }
+                other => return skip_unread(w, other),
             };
             seen.first(group)?;
             let mut heard = Vec::new();
@@ -222,10 +219,7 @@ fn message_at<'a>(w: &mut Walker<'a>, out: &mut Vec<Heard<'a>>) -> Walked<()> {
             seen.first(3)?;
             content_at(w, Speaker::Is("tool"), &mut output)
         }
-        other => {
-            std::str::from_utf8(other).map_err(|_| Bad)?;
-            w.skip_checked()
-        }
+        other => skip_unread(w, other),
     })?;
     if call_output {
         out.extend(output);
@@ -285,10 +279,7 @@ fn content_at<'a>(
                 seen.first(2)?;
                 content_at(w, Speaker::Is("tool"), &mut inner)
             }
-            other => {
-                std::str::from_utf8(other).map_err(|_| Bad)?;
-                w.skip_checked()
-            }
+            other => skip_unread(w, other),
         })?;
         if kind.as_deref() == Some("tool_result") {
             out.extend(inner);
@@ -297,6 +288,13 @@ fn content_at<'a>(
         }
         Ok(())
     })
+}
+
+/// A member no reader looks at, read as serde reads it: its key's UTF-8
+/// (the names the readers match are ASCII) and its value checked.
+fn skip_unread(w: &mut Walker<'_>, name: &[u8]) -> Walked<()> {
+    std::str::from_utf8(name).map_err(|_| Bad)?;
+    w.skip_checked()
 }
 
 /// A string member's text, `None` for any other value (read as serde reads it).
