@@ -157,7 +157,7 @@ impl Request {
         let mut scratch = Vec::new();
         Walker::document(body, |w| {
             walk_object(w, &mut r.form, |w, key, out| {
-                let name = key.text;
+                let name = key.as_ref();
                 if EXCLUDED.contains(&name) {
                     // Not in the key, but read as serde reads them.
                     scratch.clear();
@@ -169,12 +169,14 @@ impl Request {
                     }
                     return Ok(false);
                 }
-                push_as_serde(out, name, key.written);
+                // Borrowed (as written) or decoded: a clone costs nothing
+                // but for a key with escapes.
+                push_as_serde(out, key.clone());
                 out.push(b':');
                 if name == "model" && w.is_str() {
-                    let (s, written) = w.str_written()?;
-                    push_as_serde(out, &s, written);
-                    r.model = Some(s.into_owned());
+                    let s = w.str()?;
+                    r.model = Some(s.to_string());
+                    push_as_serde(out, s);
                     return Ok(true);
                 }
                 let at = out.len();
@@ -223,7 +225,7 @@ fn include_usage(form: &[u8]) -> bool {
 fn walk_object<'a>(
     w: &mut Walker<'a>,
     out: &mut Vec<u8>,
-    mut member: impl FnMut(&mut Walker<'a>, Name<'_>, &mut Vec<u8>) -> Walked<bool>,
+    mut member: impl FnMut(&mut Walker<'a>, Cow<'_, str>, &mut Vec<u8>) -> Walked<bool>,
 ) -> Walked<()> {
     let start = out.len();
     out.push(b'{');
@@ -232,9 +234,10 @@ fn walk_object<'a>(
     let mut any = false;
     w.object(|w, k| {
         let name = k.name()?;
-        let text = Name {
-            text: std::str::from_utf8(&name).map_err(|_| Bad)?,
-            written: matches!(name, Cow::Borrowed(_)),
+        // Borrowed, as the key was written (no escapes), or decoded.
+        let text = match &name {
+            Cow::Borrowed(b) => Cow::Borrowed(std::str::from_utf8(b).map_err(|_| Bad)?),
+            Cow::Owned(b) => Cow::Owned(String::from_utf8(b.clone()).map_err(|_| Bad)?),
         };
         let comma = out.len();
         if any {
@@ -271,23 +274,18 @@ fn walk_object<'a>(
     Ok(())
 }
 
-/// A key as [`walk_object`] hands it to a member's writer: its text, and
-/// whether it is written as it reads ([`Walker::str_written`]).
-#[derive(Clone, Copy)]
-struct Name<'n> {
-    text: &'n str,
-    written: bool,
-}
-
-/// Writes `s` as serde writes it. A string written as it reads holds no
-/// byte serde escapes, so its bytes go as they are, quoted.
-fn push_as_serde(out: &mut Vec<u8>, s: &str, written: bool) {
-    if written {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        push_string(out, s);
+/// Writes a string the walker read as serde writes it. One it lends
+/// (`Cow::Borrowed`) is written without an escape, so it holds no byte
+/// serde escapes (no quote, backslash or control byte stands bare): its
+/// bytes go as they are, quoted. A decoded one is written out again.
+fn push_as_serde(out: &mut Vec<u8>, s: Cow<'_, str>) {
+    match s {
+        Cow::Borrowed(s) => {
+            out.push(b'"');
+            out.extend_from_slice(s.as_bytes());
+            out.push(b'"');
+        }
+        Cow::Owned(s) => push_string(out, &s),
     }
 }
 
@@ -296,7 +294,7 @@ fn push_as_serde(out: &mut Vec<u8>, s: &str, written: bool) {
 fn walk_value(w: &mut Walker<'_>, out: &mut Vec<u8>, fold: bool) -> Walked<()> {
     if w.is_object() {
         return walk_object(w, out, |w, name, out| {
-            push_as_serde(out, name.text, name.written);
+            push_as_serde(out, name);
             out.push(b':');
             walk_value(w, out, fold).map(|()| true)
         });
@@ -315,9 +313,11 @@ fn walk_value(w: &mut Walker<'_>, out: &mut Vec<u8>, fold: bool) -> Walked<()> {
         return Ok(());
     }
     if w.is_str() {
-        match w.str_written()? {
-            (s, _) if fold => push_string(out, &fold_ws(&s)),
-            (s, written) => push_as_serde(out, &s, written),
+        let s = w.str()?;
+        if fold {
+            push_string(out, &fold_ws(&s));
+        } else {
+            push_as_serde(out, s);
         }
         return Ok(());
     }

@@ -278,21 +278,14 @@ impl<'a> Walker<'a> {
         }
     }
 
-    /// A string value, borrowed when it holds no escape.
+    /// A string value, borrowed when it holds no escape (so a borrowed
+    /// one is as it is written).
     pub fn str(&mut self) -> Walked<Cow<'a, str>> {
-        self.str_written().map(|(s, _)| s)
-    }
-
-    /// A string value, and whether it is written as it reads (no escape):
-    /// then it holds no byte a JSON writer escapes (a quote, a backslash,
-    /// a control byte), and a writer may copy it as it is.
-    pub fn str_written(&mut self) -> Walked<(Cow<'a, str>, bool)> {
         let (raw, escaped) = self.string()?;
         if escaped {
-            unescape(raw).map(|s| (Cow::Owned(s), false))
+            unescape(raw).map(Cow::Owned)
         } else {
-            let s = std::str::from_utf8(raw).map_err(|_| Bad)?;
-            Ok((Cow::Borrowed(s), true))
+            std::str::from_utf8(raw).map(Cow::Borrowed).map_err(|_| Bad)
         }
     }
 
